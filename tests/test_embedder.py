@@ -1,0 +1,154 @@
+"""The Embedder: batched == single, equals the reference encoder, instructions, long inputs, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffembed import ConfigError, Embedder, EmbedderConfig
+from diffembed.models.loading import packaged_minilm_path
+
+TEXTS = [
+    "short",
+    "a medium length sentence about retrieval with dense vectors",
+    "diffusion language models attend in both directions " * 12,
+    "why",
+    "the paper fine-tunes Dream with LoRA and InfoNCE " * 4,
+]
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+@pytest.mark.parametrize("family", ["dream", "llada", "qwen2", "llama", "mistral", "bert"])
+@pytest.mark.parametrize("pooling", ["mean", "last", "cls"])
+def test_padding_invariance(model_path, family, pooling):
+    """A text alone and inside a padded, length-mixed batch gets the same vector."""
+    emb = Embedder(EmbedderConfig(model=model_path(family), pooling=pooling, max_batch_tokens=1 << 16))
+    batched = emb.encode_documents(TEXTS)
+    assert len(emb.batches(emb.document_segments(TEXTS))) == 1  # really one padded batch
+    single = np.concatenate([emb.encode_documents([t]) for t in TEXTS])
+    assert cosine_rows(batched, single).min() >= 0.9999
+
+
+def test_token_budget_batches_keep_input_order(minilm):
+    small = Embedder(EmbedderConfig(max_batch_tokens=64), backbone=minilm.backbone)
+    segments = small.document_segments(TEXTS)
+    groups = small.batches(segments)
+    assert len(groups) > 1
+    for group in groups:  # padded size within budget (a single over-long segment may stand alone)
+        width = max(len(segments[i].ids) for i in group)
+        assert width * len(group) <= 64 or len(group) == 1
+    assert sorted(i for g in groups for i in g) == list(range(len(segments)))
+    np.testing.assert_allclose(small.encode_documents(TEXTS), minilm.encode_documents(TEXTS), atol=1e-5)
+
+
+def test_minilm_equals_sentence_transformers(minilm):
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(packaged_minilm_path()), device="cpu")
+    texts = TEXTS + ["A man is eating food.", "Ein Satz auf Deutsch.", "x " * 400]  # the last one is truncated
+    ours = minilm.encode_documents(texts)
+    theirs = reference.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert ours.shape == theirs.shape == (len(texts), 384)
+    assert cosine_rows(ours, theirs).min() >= 0.9999
+
+
+def test_instruction_changes_the_query_embedding(minilm):
+    q = ["how do diffusion models embed text"]
+    plain = minilm.encode_queries(q)
+    a = minilm.encode_queries(q, instruction="Retrieve passages that answer the question")
+    b = minilm.encode_queries(q, instruction="Find duplicate questions")
+    assert cosine_rows(plain, a)[0] < 0.9999 and cosine_rows(a, b)[0] < 0.9999
+
+
+def test_instruction_excluded_pooling_leaves_instruction_tokens_out(minilm):
+    cfg = EmbedderConfig(exclude_instruction_from_pooling=True)
+    emb = Embedder(cfg, backbone=minilm.backbone)
+    instruction = "Retrieve passages that answer the question"
+    seg = emb.query_segments(["diffusion embeddings"], instruction)[0]
+    prefix_tokens = len(emb.tokenizer(emb.query_prefix(instruction), add_special_tokens=False)["input_ids"])
+    # [CLS] counted, instruction tokens not, query tokens and [SEP] counted
+    assert seg.pool_mask[0] == 1
+    assert seg.pool_mask[1 : 1 + prefix_tokens] == [0] * prefix_tokens
+    assert all(seg.pool_mask[1 + prefix_tokens :])
+    # The vector is the mean over exactly the unmasked positions of the instructed sequence.
+    import torch
+
+    batch = emb.collate([seg])
+    with torch.inference_mode():
+        hidden = emb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[0]
+    keep = torch.tensor(seg.pool_mask, dtype=torch.bool)
+    expected = torch.nn.functional.normalize(hidden[keep].mean(0), dim=0).numpy()
+    np.testing.assert_allclose(emb.encode_queries(["diffusion embeddings"], instruction)[0], expected, atol=1e-5)
+    # ... and differs from pooling that includes the instruction.
+    included = minilm.encode_queries(["diffusion embeddings"], instruction)[0]
+    assert float(included @ expected) < 0.9999
+
+
+def test_chunked_documents(minilm):
+    emb = Embedder(EmbedderConfig(max_length=32, long_inputs="chunk", chunk_overlap=8), backbone=minilm.backbone)
+    long_doc = " ".join(f"sentence number {i} talks about topic {i % 7}." for i in range(40))
+    docs = ["a short one", long_doc]
+    chunks = emb.encode_document_chunks(docs)
+    n_tokens = len(emb.tokenizer(long_doc, add_special_tokens=False)["input_ids"])
+    budget = emb.content_budget  # 30 content tokens per window: 32 minus [CLS] and [SEP]
+    assert budget == 30
+    spans = chunks.token_spans[chunks.text_index == 1]
+    assert spans[0][0] == 0 and spans[-1][1] == n_tokens  # windows cover the whole document
+    assert all(b[0] == a[1] - 8 for a, b in zip(spans, spans[1:]))  # consecutive windows overlap by 8 tokens
+    assert all(end - start <= budget for start, end in spans)
+    assert list(chunks.chunk_index[chunks.text_index == 1]) == list(range(len(spans)))
+    # Char spans point at the text each window holds.
+    first_chars = chunks.char_spans[chunks.text_index == 1][0]
+    assert long_doc[first_chars[0] : first_chars[1]].startswith("sentence number 0")
+    # Window vectors equal encoding the window's text on its own (same code path).
+    s, e = chunks.char_spans[chunks.text_index == 1][1]
+    alone = emb.encode_documents([long_doc[s:e]])[0]
+    assert float(alone @ chunks.vectors[chunks.text_index == 1][1]) > 0.999
+    # One vector per document, differing from plain truncation for the long one only.
+    pooled = emb.encode_documents(docs)
+    truncated = Embedder(EmbedderConfig(max_length=32), backbone=minilm.backbone).encode_documents(docs)
+    assert pooled.shape == (2, 384)
+    np.testing.assert_allclose(pooled[0], truncated[0], atol=1e-5)
+    assert float(pooled[1] @ truncated[1]) < 0.999
+    np.testing.assert_allclose(np.linalg.norm(pooled, axis=1), 1.0, atol=1e-5)
+
+
+def test_matryoshka_dimensions(minilm):
+    emb = Embedder(EmbedderConfig(dimensions=64), backbone=minilm.backbone)
+    full = minilm.encode_documents(TEXTS)
+    cut = emb.encode_documents(TEXTS)
+    assert cut.shape == (len(TEXTS), 64)
+    np.testing.assert_allclose(np.linalg.norm(cut, axis=1), 1.0, atol=1e-5)
+    assert cosine_rows(cut, full[:, :64]).min() > 0.9999
+    with pytest.raises(ConfigError, match="dimensions"):
+        Embedder(EmbedderConfig(dimensions=1000), backbone=minilm.backbone)
+
+
+def test_last_token_pooling_appends_eos(model_path):
+    emb = Embedder(EmbedderConfig(model=model_path("qwen2")))
+    assert emb.config.pooling == "last" and emb.config.append_eos
+    seg = emb.document_segments(["hello world"])[0]
+    assert seg.ids[-1] == emb.tokenizer.eos_token_id
+
+
+def test_empty_list_gives_empty_array(minilm):
+    for out in (minilm.encode_documents([]), minilm.encode_queries([])):
+        assert out.shape == (0, 384) and out.dtype == np.float32
+    assert minilm.encode_document_chunks([]).vectors.shape == (0, 384)
+
+
+@pytest.mark.parametrize("bad, index", [(["ok", ""], 1), (["ok", "fine", "   "], 2), ([None], 0), (["a", 3], 1)])
+def test_bad_texts_name_the_index(minilm, bad, index):
+    for encode in (minilm.encode_documents, minilm.encode_queries):
+        with pytest.raises(ValueError, match=rf"\[{index}\]"):
+            encode(bad)
+
+
+def test_a_bare_string_is_rejected(minilm):
+    with pytest.raises(ValueError, match="list of strings"):
+        minilm.encode_documents("not a list")
