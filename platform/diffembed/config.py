@@ -120,7 +120,9 @@ class EmbedderConfig(ConfigModel):
     device: str | None = Field(None, description="cuda when present, else cpu.")
     lora_adapter: str | None = Field(None, description="A peft LoRA adapter directory merged into the backbone.")
     dimensions: int | None = Field(None, ge=1, description="Matryoshka: keep the first N dimensions.")
-    max_batch_tokens: int = Field(16384, ge=64, description="Padded tokens per forward pass.")
+    max_batch_tokens: int | None = Field(
+        None, ge=64, description="Padded tokens per forward pass. Default: 1024 on CPU (cache-sized), 32768 on GPU."
+    )
     max_batch_size: int = Field(256, ge=1)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 

@@ -18,6 +18,11 @@ from diffembed.models.loading import Backbone, load_backbone, quiet_transformers
 from diffembed.models.pooling import finish, pool
 
 
+# Padded tokens per forward pass by device (cpu, cuda): on CPU small batches stay in cache and measured
+# fastest (bench/encode_throughput.py); a GPU wants large ones.
+DEFAULT_BATCH_TOKENS = {False: 1024, True: 32768}
+
+
 @dataclass
 class Segment:
     ids: list[int]
@@ -69,6 +74,7 @@ class Embedder:
                 if config.append_eos is None
                 else config.append_eos,
                 "max_length": config.max_length or self.backbone.default_max_length,
+                "max_batch_tokens": config.max_batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type == "cuda"],
             }
         )
         if self.config.append_eos and self.tokenizer.eos_token_id is None:
