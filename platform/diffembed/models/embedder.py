@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from diffembed.config import ConfigError, EmbedderConfig
-from diffembed.models.loading import Backbone, load_backbone, quiet_transformers
+from diffembed.models.loading import Backbone, load_backbone, quiet_transformers, with_saved_config
 from diffembed.models.pooling import finish, pool
 
 
@@ -56,7 +56,7 @@ def validate_texts(texts: Any, what: str = "texts") -> list[str]:
 
 class Embedder:
     def __init__(self, config: EmbedderConfig | None = None, backbone: Backbone | None = None):
-        config = config or EmbedderConfig()
+        config = with_saved_config(config or EmbedderConfig())
         self.backbone = backbone or load_backbone(config)
         self.model = self.backbone.model
         self.tokenizer = self.backbone.tokenizer
@@ -83,6 +83,7 @@ class Embedder:
         hidden = self.model.config.hidden_size
         if self.config.dimensions is not None and self.config.dimensions > hidden:
             raise ConfigError(f"dimensions={self.config.dimensions} exceeds the model's width {hidden}")
+        self.hidden_size = hidden
         self.dimension = self.config.dimensions or hidden
 
     # ---------------------------------------------------------------- tokenisation
@@ -130,16 +131,26 @@ class Embedder:
             [1] * len(self._prefix) + pool_mask + [1] * len(self._suffix),
         )
 
-    def query_segments(self, texts: Sequence[str], instruction: str | None = None) -> list[Segment]:
-        """One segment per query: instruction prefix + query, truncated at the end (the instruction stays)."""
+    def query_segments(
+        self, texts: Sequence[str], instruction: str | Sequence[str | None] | None = None
+    ) -> list[Segment]:
+        """One segment per query: instruction prefix + query, truncated at the end (the instruction stays).
+
+        `instruction` is one for all queries, or one per query (training rows carry their own).
+        """
         texts = validate_texts(texts, "queries")
-        prefix = self.query_prefix(instruction)
-        ids, offsets = self._tokenize([prefix + t for t in texts])
+        if instruction is None or isinstance(instruction, str):
+            prefixes = [self.query_prefix(instruction)] * len(texts)
+        elif len(instruction) != len(texts):
+            raise ValueError(f"got {len(instruction)} instructions for {len(texts)} queries")
+        else:
+            prefixes = [self.query_prefix(ins) for ins in instruction]
+        ids, offsets = self._tokenize([p + t for p, t in zip(prefixes, texts)])
         budget = self.content_budget
-        exclude = bool(prefix) and self.config.exclude_instruction_from_pooling and self.config.pooling == "mean"
         segments = []
-        for i, (tok, off) in enumerate(zip(ids, offsets)):
+        for i, (tok, off, prefix) in enumerate(zip(ids, offsets, prefixes)):
             tok, off = tok[:budget], off[:budget]
+            exclude = bool(prefix) and self.config.exclude_instruction_from_pooling and self.config.pooling == "mean"
             # A token belongs to the instruction when it starts inside the prefix's characters.
             mask = [0 if exclude and start < len(prefix) else 1 for start, _ in off]
             if exclude and not any(mask):
@@ -229,7 +240,7 @@ class Embedder:
     @torch.inference_mode()
     def _pooled_segments(self, segments: Sequence[Segment]) -> torch.Tensor:
         """(S, H) pooled vectors in segment order, computed in token-budget batches."""
-        out = torch.empty((len(segments), self.model.config.hidden_size), dtype=torch.float32)
+        out = torch.empty((len(segments), self.hidden_size), dtype=torch.float32)
         for group in self.batches(segments):
             vectors = self.pooled(self.collate([segments[i] for i in group]))
             out[torch.tensor(group)] = vectors.cpu()
@@ -240,8 +251,10 @@ class Embedder:
 
     # ---------------------------------------------------------------- public API
 
-    def encode_queries(self, texts: Sequence[str], instruction: str | None = None) -> np.ndarray:
-        """(N, D) float32, input order. `instruction` overrides the configured query instruction."""
+    def encode_queries(
+        self, texts: Sequence[str], instruction: str | Sequence[str | None] | None = None
+    ) -> np.ndarray:
+        """(N, D) float32, input order. `instruction` (one, or one per query) overrides the configured one."""
         segments = self.query_segments(texts, instruction)
         if not segments:
             return self._empty()

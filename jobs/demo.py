@@ -1,0 +1,146 @@
+"""`make demo`: semantic search over the installed Python standard library's documentation.
+
+Why this corpus: it is real, varied text that every machine already has, so the demo needs no network, no
+download and no data files, yet its answers are easy to judge ("compress a file with gzip" should find
+`gzip`). One document per public function/class (docstring) and per module (module docstring) is encoded
+with the packaged all-MiniLM-L6-v2 on CPU through the same `Embedder` that training and serving use; typed
+queries are scored by cosine similarity (a matrix product of L2-normalised vectors).
+
+    .venv/bin/python jobs/demo.py "parse command line arguments" "send an email" --top-k 5 --limit 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import sys
+import time
+import warnings
+from types import ModuleType
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged model is local; nothing comes from the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from diffembed import ConfigError, Embedder, EmbedderConfig  # noqa: E402
+
+MODULES = """
+    abc argparse array ast asyncio base64 bisect bz2 calendar cmath codecs collections concurrent.futures
+    configparser contextlib copy cProfile csv dataclasses datetime decimal difflib dis doctest email
+    email.message enum fnmatch fractions ftplib functools getpass gettext glob graphlib gzip hashlib heapq
+    hmac html html.parser http.client http.server imaplib importlib inspect io ipaddress itertools json
+    locale logging lzma mailbox math mimetypes multiprocessing operator os os.path pathlib pickle
+    platform pprint queue random re sched secrets shelve shlex shutil signal smtplib socket sqlite3
+    ssl statistics string struct subprocess sys tarfile tempfile textwrap threading time timeit tokenize
+    traceback typing unicodedata unittest urllib.parse urllib.request uuid warnings weakref xml.etree.ElementTree
+    zipfile zlib
+""".split()
+DEFAULT_QUERIES = [
+    "parse command line arguments",
+    "compress a file with gzip",
+    "run a shell command and capture its output",
+    "compute a SHA-256 hash of bytes",
+    "read rows from a CSV file",
+]
+MAX_CHARS = 1500
+
+
+def summary(doc: object) -> str:
+    """The docstring's leading paragraphs, up to MAX_CHARS, whitespace folded; '' when there is none."""
+    if not isinstance(doc, str):
+        return ""
+    kept: list[str] = []
+    for paragraph in inspect.cleandoc(doc).split("\n\n"):
+        text = " ".join(paragraph.split())
+        if kept and len(" ".join(kept)) + len(text) + 1 > MAX_CHARS:
+            break
+        if text:
+            kept.append(text)
+    return " ".join(kept)[:MAX_CHARS]
+
+
+def defined_here(name: str, obj: object, module: ModuleType) -> bool:
+    """Defined in the module, its package or its C accelerator (`csv.reader` lives in `_csv`), or exported
+    in its `__all__` (`os.listdir` lives in `posix`)."""
+    origin = getattr(obj, "__module__", None) or ""
+    top = module.__name__.split(".")[0]
+    return origin.split(".")[0] in {top, "_" + top} or name in getattr(module, "__all__", ())
+
+
+def stdlib_documents(limit: int) -> list[tuple[str, str, str]]:
+    """(id, text, module) triples; modules take turns, so a small `limit` still covers every one."""
+    per_module: list[list[tuple[str, str, str]]] = []
+    seen: set[str] = set()
+    for name in sorted(MODULES):
+        with warnings.catch_warnings():  # deprecated modules and aliases (typing.io) warn on access
+            warnings.simplefilter("ignore")
+            try:
+                module = importlib.import_module(name)
+            except Exception:  # missing optional modules (e.g. no _ssl) are simply left out
+                continue
+            docs = [(name, summary(module.__doc__))]
+            for attr, obj in sorted(vars(module).items()):
+                if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
+                    continue
+                if defined_here(attr, obj, module):
+                    docs.append((f"{name}.{attr}", summary(obj.__doc__)))
+        kept = [(i, f"{i}: {t}", name) for i, t in docs if t and i not in seen]
+        seen.update(i for i, _, _ in kept)
+        per_module.append(kept)
+    picked: list[tuple[str, str, str]] = []
+    for rank in range(max((len(d) for d in per_module), default=0)):
+        for group in per_module:
+            if rank < len(group) and len(picked) < limit:
+                picked.append(group[rank])
+    return sorted(picked)
+
+
+def shorten(text: str, width: int = 100) -> str:
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+def positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("queries", nargs="*", help=f"what to search for (default: {len(DEFAULT_QUERIES)} examples)")
+    parser.add_argument("--top-k", type=positive, default=3, help="hits per query (default: 3)")
+    parser.add_argument("--limit", type=positive, default=2500, help="most documents to encode (default: 2500)")
+    args = parser.parse_args(argv)
+    queries: list[str] = args.queries or DEFAULT_QUERIES
+    try:
+        embedder = Embedder(EmbedderConfig())
+        query_vectors = embedder.encode_queries(queries)  # first: bad queries fail before the long part
+        corpus = stdlib_documents(args.limit)
+        if not corpus:
+            raise ValueError("no documented standard-library modules could be imported")
+        ids, texts, modules = zip(*corpus)
+        start = time.perf_counter()
+        doc_vectors = embedder.encode_documents(list(texts))
+        seconds = time.perf_counter() - start
+    except ValueError as exc:  # ConfigError is a ValueError; both carry one readable line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{len(ids)} documents ({len(set(modules))} stdlib modules) encoded in {seconds:.1f} s "
+        f"({len(ids) / seconds:.0f} docs/s) by {embedder.config.model} on {embedder.device}, "
+        f"{embedder.dimension} dims"
+    )
+    scores = query_vectors @ doc_vectors.T  # cosine: both sides are L2-normalised
+    for query, row in zip(queries, scores):
+        print(f"\nquery: {query}")
+        for rank, index in enumerate(np.argsort(-row, kind="stable")[: args.top_k], 1):
+            print(f"  {rank}. {row[index]:.3f}  {shorten(texts[index])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

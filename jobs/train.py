@@ -1,0 +1,38 @@
+"""Fine-tune an embedder with Ray Train + DeepSpeed: parse the config, then one library call.
+
+    python jobs/train.py --config jobs/configs/train_tiny.yaml [key=value ...] [--resume RUN_DIR]
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/train.py --config ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from diffembed.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Contrastive fine-tuning of a diffembed embedder.")
+    parser.add_argument("--config", required=True, help="YAML file with a TrainConfig")
+    parser.add_argument("--resume", help="an earlier run directory (<storage_path>/<name>) to continue from")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for nested fields")
+    args = parser.parse_args(argv)
+    try:
+        from diffembed.train.config import TrainConfig
+
+        cfg = TrainConfig.from_yaml(args.config, args.overrides)
+        cfg.check_files()  # before Ray starts
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from diffembed.train.loop import train
+
+    metrics = train(cfg, resume=args.resume)
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

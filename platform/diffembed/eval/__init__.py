@@ -1,0 +1,1 @@
+"""Retrieval evaluation: metrics (pytrec_eval) and exact dense retrieval with the Embedder."""

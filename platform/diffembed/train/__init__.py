@@ -1,0 +1,1 @@
+"""Contrastive fine-tuning: config, losses and the Ray Train + DeepSpeed training loop."""

@@ -1,0 +1,124 @@
+"""The training job's one config model: embedder, data, LoRA, loss, optimisation, DeepSpeed, Ray run.
+
+The DeepSpeed JSON is generated from this object (`diffembed.train.deepspeed.deepspeed_config`), so batch
+sizes, precision and ZeRO settings have one source of truth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+
+from diffembed.config import ConfigModel, EmbedderConfig
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class DataConfig(ConfigModel):
+    train_files: list[str] = Field(description="JSONL or Parquet files/globs of {query, positive, negatives, ...}")
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    hard_negatives: int = Field(1, ge=0, description="Hard negatives per query (the paper uses 1).")
+    bad_rows: Literal["skip", "fail"] = Field("skip", description="Rows with missing fields or empty text.")
+    same_source_batches: bool = Field(False, description="Draw every global batch from a single `source`.")
+    shuffle_seed: int = 0
+
+
+class LoraConfig(ConfigModel):
+    enabled: bool = True
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+
+
+class LossConfig(ConfigModel):
+    scale: float = Field(50.0, gt=0, description="Cosine similarity multiplier (1/temperature; 50 = tau 0.02).")
+    gather_across_workers: bool = True
+    grad_cache_chunk_size: int | None = Field(
+        None, ge=1, description="Embed in chunks of this many texts with GradCache; None = one pass."
+    )
+
+
+class OptimConfig(ConfigModel):
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_steps: int = Field(1000, ge=1)
+    global_batch_size: int = Field(16, ge=1, description="Queries per optimizer step across all workers.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+
+
+class DeepSpeedConfig(ConfigModel):
+    enabled: bool = True
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bf16: bool | None = Field(None, description="Default: on when training on GPUs, off on CPU.")
+
+
+class RunConfig(ConfigModel):
+    name: str = "diffembed-train"
+    storage_path: str = Field("runs", description="Local dir or URI (s3://, gs://) for Ray Train results.")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    log_every: int = Field(1, ge=1)
+    seed: int = 0
+    export_dir: str | None = Field(None, description="Default: <storage_path>/<name>/export")
+    fail_at_step: int | None = Field(None, description="Testing: rank 0 raises at this step on the first attempt.")
+
+
+class EvalConfig(ConfigModel):
+    dev_files: list[str] = Field(
+        default_factory=list,
+        description="Dev rows (same schema): nDCG@10 of the base model before and of the export after training.",
+    )
+
+
+class TrainConfig(ConfigModel):
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.optim.global_batch_size % self.run.num_workers:
+            raise ValueError(
+                f"optim.global_batch_size={self.optim.global_batch_size} is not divisible by "
+                f"run.num_workers={self.run.num_workers}"
+            )
+        if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs zero_stage 3")
+        return self
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.optim.global_batch_size // self.run.num_workers
+
+    def check_files(self) -> None:
+        """Fail before Ray starts when an input file is missing."""
+        from diffembed.train.data import expand_files
+
+        expand_files(self.data.train_files, "data.train_files")
+        if self.eval.dev_files:
+            expand_files(self.eval.dev_files, "eval.dev_files")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.storage_path).expanduser() / self.run.name
+
+    @property
+    def export_path(self) -> Path:
+        return Path(self.run.export_dir).expanduser() if self.run.export_dir else self.run_dir / "export"

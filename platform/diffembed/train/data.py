@@ -1,0 +1,147 @@
+"""Training pairs: reading, validation (file and row of every bad row), and the global-batch plan.
+
+The plan is a list of global batches, each a list of `Pair`s; worker r of W takes rows [r*b, (r+1)*b) of
+every global batch, so all workers step through the same batch and, with `same_source_batches`, every
+global batch comes from one source dataset (the paper's recipe).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from diffembed.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pair:
+    query: str
+    positive: str
+    negatives: list[str] = field(default_factory=list)
+    instruction: str | None = None
+    source: str = "default"
+
+
+@dataclass
+class BadRows:
+    count: int = 0
+    examples: list[str] = field(default_factory=list)  # "file:row: reason", the first few
+
+    def add(self, where: str, reason: str) -> None:
+        self.count += 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{where}: {reason}")
+
+
+def expand_files(patterns: list[str], what: str) -> list[str]:
+    files: list[str] = []
+    for pattern in patterns:
+        if "://" in pattern:  # remote URIs are checked by the reader
+            files.append(pattern)
+            continue
+        matches = sorted(glob.glob(str(Path(pattern).expanduser())))
+        if not matches:
+            raise ConfigError(f"{what}: no file matches {pattern!r}")
+        files.extend(matches)
+    if not files:
+        raise ConfigError(f"{what}: no input files given")
+    return files
+
+
+def _rows(path: str, fmt: str) -> Iterator[tuple[int, Any]]:
+    """(row number starting at 1, parsed row or an Exception) for every row of a file."""
+    kind = fmt if fmt != "auto" else ("parquet" if path.endswith((".parquet", ".pq")) else "jsonl")
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield i, row
+        return
+    import pyarrow.fs as pafs
+
+    fs, fs_path = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    with fs.open_input_stream(fs_path) as stream:
+        for i, line in enumerate(stream.read().decode("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield i, ValueError(f"malformed JSON ({exc.msg})")
+
+
+def _pair(row: Any, hard_negatives: int) -> Pair:
+    if isinstance(row, Exception):
+        raise row
+    if not isinstance(row, dict):
+        raise ValueError("row is not an object")
+    for key in ("query", "positive"):
+        value = row.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"missing or empty {key!r}")
+    negatives = row.get("negatives") or []
+    if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+        raise ValueError("'negatives' must be a list of non-empty strings")
+    if len(negatives) < hard_negatives:
+        raise ValueError(f"needs {hard_negatives} hard negative(s), has {len(negatives)}")
+    instruction = row.get("instruction")
+    return Pair(
+        query=row["query"],
+        positive=row["positive"],
+        negatives=negatives[:hard_negatives],
+        instruction=instruction if isinstance(instruction, str) and instruction else None,
+        source=str(row.get("source") or "default"),
+    )
+
+
+def load_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> tuple[list[Pair], BadRows]:
+    pairs, bad = [], BadRows()
+    for path in files:
+        for number, row in _rows(path, fmt):
+            try:
+                pairs.append(_pair(row, hard_negatives))
+            except ValueError as exc:
+                if bad_rows == "fail":
+                    raise ConfigError(f"{path}:{number}: bad training row: {exc}") from None
+                bad.add(f"{path}:{number}", str(exc))
+    if bad.count:
+        log.warning("skipped %d bad training rows; first: %s", bad.count, "; ".join(bad.examples[:3]))
+    if not pairs:
+        raise ConfigError(f"no usable training rows in {', '.join(files)}")
+    return pairs, bad
+
+
+def plan_batches(
+    pairs: list[Pair], global_batch: int, steps: int, same_source: bool, seed: int
+) -> list[list[dict[str, Any]]]:
+    """`steps` global batches of `global_batch` rows (as dicts), reshuffled every epoch.
+
+    A source with fewer rows than a global batch cannot form a single-source batch; its rows are skipped.
+    """
+    rng = random.Random(seed)
+    groups: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        groups.setdefault(pair.source if same_source else "all", []).append(pair)
+    usable = {k: v for k, v in groups.items() if len(v) >= global_batch}
+    if not usable:
+        raise ConfigError(
+            f"not enough rows for one global batch of {global_batch}"
+            + (" from a single source" if same_source else f" (have {len(pairs)})")
+        )
+    plan: list[list[dict[str, Any]]] = []
+    while len(plan) < steps:  # one pass = one epoch
+        epoch = []
+        for rows in usable.values():
+            rows = rows[:]
+            rng.shuffle(rows)
+            epoch += [rows[i : i + global_batch] for i in range(0, len(rows) - global_batch + 1, global_batch)]
+        rng.shuffle(epoch)
+        plan += [[asdict(p) for p in batch] for batch in epoch]
+    return plan[:steps]

@@ -1,0 +1,229 @@
+"""Contrastive loss math, kept free of model calls so it can be unit-tested on plain tensors.
+
+* `info_nce`: InfoNCE over in-batch negatives plus hard negatives, optionally across all data-parallel
+  ranks (a bigger candidate pool is the main lever on embedding quality).
+* `gather_with_grad`: the differentiable all-gather that makes the cross-rank candidates trainable.
+* `grad_cache_step`: GradCache (Gao et al., 2021) — the same loss and gradients as one big batch, with
+  activation memory bounded by one chunk, so the global batch is not limited by device memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["gather_with_grad", "grad_cache_step", "info_nce", "split_batch"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+BackwardFn = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is absent or not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate `t` from every rank along dim 0, in rank order, keeping the autograd graph.
+
+    The backward pass sums, over ranks, the gradients flowing into each rank's slot (a reduce-scatter),
+    so a rank's local tensor receives the gradient of *every* rank's loss, not only its own. Together
+    with DDP/DeepSpeed averaging parameter gradients over ranks, that yields exactly the gradient of
+    the mean loss over the global batch. Every rank must call this with the same shape.
+    Without an initialised process group (or with one rank) it returns `t` unchanged.
+    """
+    _, world = _world()
+    if world == 1:
+        return t
+    from torch.distributed.nn.functional import all_gather  # differentiable, unlike dist.all_gather
+
+    parts = all_gather(t.contiguous())  # world × (n, ...)
+    return torch.cat(parts, dim=0)  # (world * n, ...)
+
+
+def _check_equal_sizes(b: int, n: int, device: torch.device) -> None:
+    """Raise on every rank (not only the odd one out, which would deadlock) if local sizes differ."""
+    _, world = _world()
+    sizes = torch.tensor([b, n], dtype=torch.long, device=device)  # (2,)
+    every = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(every, sizes)
+    every_l = [tuple(int(x) for x in s.tolist()) for s in every]
+    if len(set(every_l)) > 1:
+        raise ValueError(
+            "info_nce(gather=True) needs the same local batch on every rank; got (queries, negatives) per "
+            f"rank = {every_l}. Drop the last incomplete batch or pad it."
+        )
+
+
+def info_nce(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    scale: float = 50.0,
+    gather: bool = False,
+) -> torch.Tensor:
+    """InfoNCE on cosine similarity, with in-batch and hard negatives.
+
+    queries (B, D) and positives (B, D) are row-aligned pairs; negatives (B, K, D) or (N, D) are hard
+    negatives (any N; usually B*K). Each query is scored against *every* positive and *every* hard
+    negative in the batch (in-batch negatives come for free); the target is its own positive. Logits
+    are cosine similarities times `scale` (temperature τ = 1/scale; 50 ⇒ τ = 0.02).
+
+    With `gather=True` under an initialised process group with more than one rank, the candidates
+    (positives and negatives) are all-gathered from every rank with gradient, and the local queries are
+    scored against that global pool (labels offset by rank * B). Queries are not gathered: each rank
+    only scores its own, and the cross-rank gradient reaches them through the gathered candidates'
+    backward. Returns the mean over local queries; averaged over ranks (as DDP does) it equals the
+    single-process loss on the concatenated global batch. Requires equal B and N on every rank.
+
+    Math is done in float32 whatever the input dtype, since bf16 logits at scale 50 lose the ranking.
+    """
+    if queries.dim() != 2 or positives.dim() != 2:
+        raise ValueError(f"queries and positives must be (B, D); got {tuple(queries.shape)}, {tuple(positives.shape)}")
+    if queries.shape != positives.shape:
+        raise ValueError(f"queries {tuple(queries.shape)} and positives {tuple(positives.shape)} must match")
+    b, d = queries.shape
+    if negatives is not None:
+        if negatives.dim() == 3:
+            if negatives.shape[0] != b:
+                raise ValueError(f"negatives (B, K, D) must have B={b}; got {tuple(negatives.shape)}")
+            negatives = negatives.reshape(-1, negatives.shape[-1])  # (B, K, D) -> (B*K, D)
+        elif negatives.dim() != 2:
+            raise ValueError(f"negatives must be (B, K, D) or (N, D); got {tuple(negatives.shape)}")
+        if negatives.shape[-1] != d:
+            raise ValueError(f"negatives have dim {negatives.shape[-1]}, queries {d}")
+        if negatives.shape[0] == 0:
+            negatives = None
+
+    q = F.normalize(queries.float(), dim=-1)  # (B, D)
+    p = F.normalize(positives.float(), dim=-1)  # (B, D)
+    n = None if negatives is None else F.normalize(negatives.float(), dim=-1)  # (N, D)
+
+    rank, world = _world()
+    offset = 0
+    if gather and world > 1:
+        _check_equal_sizes(b, 0 if n is None else n.shape[0], q.device)
+        p = gather_with_grad(p)  # (world * B, D)
+        if n is not None:
+            n = gather_with_grad(n)  # (world * N, D)
+        offset = rank * b
+
+    candidates = p if n is None else torch.cat([p, n], dim=0)  # (P + N', D), P = B or world * B
+    logits = (q @ candidates.T) * scale  # (B, P + N')
+    labels = torch.arange(b, device=q.device) + offset  # (B,) index of each query's own positive
+    return F.cross_entropy(logits, labels)
+
+
+def split_batch(batch: Any, chunk_size: int) -> list[Any]:
+    """Split a tensor, or a dict of tensors sharing dim 0, into chunks of at most `chunk_size` rows."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if isinstance(batch, torch.Tensor):
+        return list(batch.split(chunk_size))
+    if isinstance(batch, dict):
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        rows = {v.shape[0] for v in tensors.values()}
+        if len(rows) != 1:
+            raise ValueError(f"dict tensors must share dim 0; got sizes {sorted(rows)}")
+        total = rows.pop()
+        return [
+            {k: (v[i : i + chunk_size] if k in tensors else v) for k, v in batch.items()}
+            for i in range(0, total, chunk_size)
+        ]
+    raise TypeError(f"split_batch takes a tensor or a dict of tensors; got {type(batch).__name__}")
+
+
+class _RngState:
+    """CPU (and current CUDA device) RNG state, so a chunk's second forward redraws the same dropout masks."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda_device: int | None = None
+        self.cuda = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.cuda_device = torch.cuda.current_device()
+            self.cuda = torch.cuda.get_rng_state(self.cuda_device)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.cuda_device)
+
+
+def _default_backward(t: torch.Tensor, grad: torch.Tensor) -> None:
+    t.backward(grad)
+
+
+def grad_cache_step(
+    embed_fn: Callable[[Any], torch.Tensor],
+    query_batches: Sequence[Any],
+    positive_batches: Sequence[Any],
+    negative_batches: Sequence[Any] | None = None,
+    loss_fn: LossFn = info_nce,
+    backward_fn: BackwardFn = _default_backward,
+) -> torch.Tensor:
+    """One GradCache step: accumulate into parameter `.grad` exactly what `loss_fn` on the full batch would.
+
+    The contrastive loss couples every example to every other, so it cannot be split into independent
+    micro-batches. GradCache splits the *backward* instead:
+
+    1. embed every chunk under `torch.no_grad()` (no activations kept), recording the RNG state first;
+    2. compute `loss_fn(q, p, n)` on the concatenated embeddings (as autograd leaves) and take the
+       gradient of the loss w.r.t. each chunk's embeddings — cheap, embeddings are only (b, D);
+    3. re-embed each chunk with grad, RNG restored so dropout draws the same masks, and call
+       `backward_fn(embeddings, cached_grad)`; parameter gradients accumulate chunk by chunk.
+
+    `embed_fn(chunk) -> (b, D)` takes whatever each chunk is (e.g. a dict of tensors; see `split_batch`).
+    Negative chunks are concatenated to (N, D) and passed to `loss_fn` as such (`info_nce` accepts flat
+    negatives). `loss_fn` must have no trainable parameters of its own (only the embeddings get
+    gradients) and may all-gather (`info_nce(..., gather=True)`): its backward then runs the collectives.
+
+    Under DeepSpeed, parameter gradients must go through the engine (loss scaling, ZeRO partitioning):
+    pass e.g. `backward_fn=lambda t, g: engine.backward((t.float() * g).sum())` — that surrogate scalar
+    has exactly `g` as its gradient w.r.t. `t`. The caller owns the step boundaries: with plain DDP, wrap
+    all but the last chunk's backward in `no_sync()`; with DeepSpeed, mind that `engine.backward` divides
+    by gradient_accumulation_steps unless configured otherwise.
+
+    Returns the loss, detached. The RNG ends where one pass of chunked forwards would have left it.
+    """
+    groups = [list(query_batches), list(positive_batches), list(negative_batches or [])]
+    if not groups[0] or not groups[1]:
+        raise ValueError("grad_cache_step needs at least one query and one positive chunk")
+
+    # Pass 1: embeddings without activations; remember each chunk's RNG state.
+    states: list[list[_RngState]] = [[], [], []]
+    leaves: list[list[torch.Tensor]] = [[], [], []]
+    with torch.no_grad():
+        for g, chunks in enumerate(groups):
+            for chunk in chunks:
+                states[g].append(_RngState())
+                emb = embed_fn(chunk)  # (b, D)
+                leaves[g].append(emb.detach().requires_grad_(True))  # (b, D) leaf
+    rng_after = _RngState()
+
+    q = torch.cat(leaves[0], dim=0)  # (B, D)
+    p = torch.cat(leaves[1], dim=0)  # (B, D)
+    n = torch.cat(leaves[2], dim=0) if leaves[2] else None  # (N, D)
+    loss = loss_fn(q, p, n)
+    flat_leaves = [leaf for group in leaves for leaf in group]
+    grads = torch.autograd.grad(loss, flat_leaves, allow_unused=True)
+    cached = iter(grads)
+
+    # Pass 2: re-embed chunk by chunk with grad and push the cached embedding gradients through.
+    try:
+        for g, chunks in enumerate(groups):
+            for chunk, state in zip(chunks, states[g]):
+                grad = next(cached)
+                state.restore()
+                emb = embed_fn(chunk)  # (b, D), with graph
+                if grad is None:  # the loss ignores this chunk (e.g. a zero-row chunk)
+                    grad = torch.zeros_like(emb)
+                backward_fn(emb, grad.to(emb.dtype))
+    finally:
+        rng_after.restore()  # leave the RNG where pass 1 left it, as a single pass would
+    return loss.detach()

@@ -1,0 +1,224 @@
+"""Contrastive loss math: InfoNCE values, GradCache equivalence, and the cross-rank gather (2 gloo processes)."""
+
+from __future__ import annotations
+
+import datetime
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from diffembed.train.losses import gather_with_grad, grad_cache_step, info_nce, split_batch
+
+
+def _np_info_nce(q, p, n, scale):
+    """Reference in float64 numpy: explicit normalise, similarities, log-softmax."""
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q, cand = unit(q), unit(np.concatenate([p, n]) if n is not None else p)
+    logits = scale * q @ cand.T
+    m = logits.max(axis=1, keepdims=True)
+    log_softmax = logits - (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))
+    return -np.mean([log_softmax[i, i] for i in range(len(q))])
+
+
+def test_hand_computed_value():
+    # 2 queries, their positives, one hard negative each, in 2-D so the cosines are readable.
+    q = np.array([[1.0, 0.0], [0.0, 1.0]])
+    p = np.array([[1.0, 1.0], [0.0, 2.0]])  # cos(q0, p0) = 1/sqrt2, cos(q1, p1) = 1
+    n = np.array([[1.0, 0.0], [-1.0, 1.0]])  # one per query
+    scale = 5.0
+    # Row 0: candidates p0, p1, n0, n1 -> cosines 1/sqrt2, 0, 1, -1/sqrt2; target p0.
+    r = 1 / math.sqrt(2)
+    row0 = -(scale * r) + math.log(sum(math.exp(scale * c) for c in (r, 0.0, 1.0, -r)))
+    # Row 1: cosines with p0, p1, n0, n1 -> 1/sqrt2, 1, 0, 1/sqrt2; target p1.
+    row1 = -(scale * 1.0) + math.log(sum(math.exp(scale * c) for c in (r, 1.0, 0.0, r)))
+    expected = (row0 + row1) / 2
+    assert _np_info_nce(q, p, n, scale) == pytest.approx(expected, rel=1e-12)
+
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    loss = info_nce(t(q), t(p), t(n).reshape(2, 1, 2), scale=scale)  # (B, K, D) layout
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert info_nce(t(q), t(p), t(n), scale=scale).item() == pytest.approx(expected, rel=1e-5)  # (B*K, D)
+
+
+def test_default_scale_against_numpy():
+    g = torch.Generator().manual_seed(0)
+    q, p, n = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(5, 3, 8, generator=g)
+    expected = _np_info_nce(q.double().numpy(), p.double().numpy(), n.reshape(15, 8).double().numpy(), 50.0)
+    assert info_nce(q, p, n).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_in_batch_negatives_are_the_bxb_matrix():
+    g = torch.Generator().manual_seed(1)
+    q, p = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+    sim = F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).T  # (B, B)
+    expected = F.cross_entropy(sim * 50.0, torch.arange(6))
+    assert_close(info_nce(q, p), expected)
+    # and the off-diagonal entries really count: with one pair the loss is 0 regardless of alignment
+    assert info_nce(q[:1], p[:1]).item() == pytest.approx(0.0, abs=1e-6)
+    assert info_nce(q, p).item() > 0.1
+
+
+def test_shape_errors():
+    q = torch.randn(3, 4)
+    with pytest.raises(ValueError):
+        info_nce(q, torch.randn(2, 4))
+    with pytest.raises(ValueError):
+        info_nce(q, torch.randn(3, 4), torch.randn(2, 1, 4))
+    with pytest.raises(ValueError):
+        info_nce(q, torch.randn(3, 4), torch.randn(3, 5))
+
+
+def test_gather_is_identity_without_process_group():
+    t = torch.randn(3, 2)
+    assert gather_with_grad(t) is t
+    assert_close(info_nce(t, t + 1, gather=True), info_nce(t, t + 1))
+
+
+def test_split_batch_dict():
+    batch = {"input_ids": torch.arange(10).reshape(5, 2), "mask": torch.ones(5, 2), "task": "q"}
+    chunks = split_batch(batch, 2)
+    assert [c["input_ids"].shape[0] for c in chunks] == [2, 2, 1]
+    assert all(c["task"] == "q" for c in chunks)
+    assert_close(torch.cat([c["input_ids"] for c in chunks]), batch["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------- GradCache
+
+
+def _model():
+    torch.manual_seed(123)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 4)).train()
+
+
+def _data():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(12, 8, generator=g)
+
+
+def test_grad_cache_matches_plain_loss_with_dropout():
+    xq, xp, xn = _data()
+    chunk = 4  # smaller than the batch, and leaves a ragged last chunk
+    groups = [split_batch(xq, chunk), split_batch(xp, chunk), split_batch(xn, chunk)]
+
+    # Plain: the same chunked forwards (so dropout consumes the RNG identically), one backward through all.
+    model = _model()
+    torch.manual_seed(0)
+    q, p, n = (torch.cat([model(c) for c in cs]) for cs in groups)  # (6, 4), (6, 4), (12, 4)
+    plain_loss = info_nce(q, p, n)
+    plain_loss.backward()
+    plain_grads = [w.grad.clone() for w in model.parameters()]
+    rng_plain = torch.get_rng_state()
+
+    model = _model()
+    torch.manual_seed(0)
+    cached_loss = grad_cache_step(model, *groups)
+    assert not cached_loss.requires_grad
+    assert_close(cached_loss, plain_loss.detach())
+    for w, g in zip(model.parameters(), plain_grads):
+        assert_close(w.grad, g)
+    assert torch.equal(torch.get_rng_state(), rng_plain)  # RNG left where a single pass leaves it
+
+    # Sanity: the test can see RNG mistakes — a second pass without restoring RNG gives other gradients.
+    model = _model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        embs = [[model(c) for c in cs] for cs in groups]
+    leaves = [[e.requires_grad_() for e in es] for es in embs]
+    loss = info_nce(*(torch.cat(ls) for ls in leaves))
+    grads = iter(torch.autograd.grad(loss, [x for ls in leaves for x in ls]))
+    for cs in groups:
+        for c in cs:
+            model(c).backward(next(grads))
+    assert not all(torch.allclose(w.grad, g) for w, g in zip(model.parameters(), plain_grads))
+
+
+def test_grad_cache_routes_through_backward_fn_and_dict_inputs():
+    xq, xp, _ = _data()
+    model = _model().eval()
+    embed = lambda batch: model(batch["x"])
+    calls = []
+
+    def backward_fn(t, g):  # the DeepSpeed-style surrogate scalar
+        calls.append(t.shape[0])
+        (t * g).sum().backward()
+
+    loss = grad_cache_step(
+        embed, split_batch({"x": xq}, 4), split_batch({"x": xp}, 4), None, backward_fn=backward_fn
+    )
+    assert calls == [4, 2, 4, 2]
+    ref = _model().eval()
+    ref_loss = info_nce(ref(xq), ref(xp))
+    ref_loss.backward()
+    assert_close(loss, ref_loss.detach())
+    for w, r in zip(model.parameters(), ref.parameters()):
+        assert_close(w.grad, r.grad)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+WORLD, B, K, D = 2, 3, 2, 5
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(WORLD * B, D, generator=g)
+    p = torch.randn(WORLD * B, D, generator=g)
+    n = torch.randn(WORLD * B, K, D, generator=g)
+    return q, p, n
+
+
+def _dist_worker(rank: int, store_path: str, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        q, p, n = _global_batch()
+        rows = slice(rank * B, (rank + 1) * B)
+        lq, lp, ln = (t[rows].clone().requires_grad_() for t in (q, p, n))  # this rank's (B, ...) slices
+        gathered = gather_with_grad(lq.detach())  # (WORLD * B, D)
+        loss = info_nce(lq, lp, ln, gather=True)
+        loss.backward()
+        try:  # unequal local batches must fail loudly on every rank, not hang
+            info_nce(torch.randn(B + rank, D), torch.randn(B + rank, D), gather=True)
+            unequal = "no error"
+        except ValueError as e:
+            unequal = str(e)
+        torch.save(
+            {"gathered": gathered, "loss": loss.detach(), "gq": lq.grad, "gp": lp.grad, "gn": ln.grad,
+             "unequal": unequal},
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_gather_loss_and_grads(tmp_path):
+    mp.spawn(_dist_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    q, p, n = (t.clone().requires_grad_() for t in _global_batch())
+    ref = info_nce(q, p, n)  # single process, global batch
+    ref.backward()
+
+    for r in range(WORLD):
+        # (a) every rank sees the global batch in rank order
+        assert_close(res[r]["gathered"], q.detach())
+        assert "same local batch on every rank" in res[r]["unequal"]
+    # (b) per-rank losses (local queries vs global candidates) average to the global loss
+    assert_close(torch.stack([x["loss"] for x in res]).mean(), ref.detach())
+    # (c) rank r's local loss L_r is 1/WORLD of the global mean, and the gather's backward sums every
+    # rank's contribution into rank r's slot, so rank r's local embedding gradient is WORLD × the global
+    # loss gradient for its rows. DDP's 1/WORLD averaging of parameter gradients turns that into exactly
+    # the single-process gradient.
+    for r in range(WORLD):
+        rows = slice(r * B, (r + 1) * B)
+        assert_close(res[r]["gq"], WORLD * q.grad[rows])
+        assert_close(res[r]["gp"], WORLD * p.grad[rows])
+        assert_close(res[r]["gn"], WORLD * n.grad[rows])
