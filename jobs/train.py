@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = TrainConfig.from_yaml(args.config, args.overrides)
         cfg.check_files()  # before Ray starts
+        if args.resume:
+            from pathlib import Path
+
+            from diffembed.train.loop import latest_checkpoint
+
+            latest_checkpoint(Path(args.resume))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ def test_zero_training_learns_checkpoints_and_exports(ray_cluster, tmp_path, tin
     assert len(losses) == 16
     # Two epochs over the same 8 batches: the second pass has a lower loss than the first.
     assert np.mean(losses[8:]) < np.mean(losses[:8]), losses
-    assert len(list(cfg.run_dir.glob("checkpoint_*"))) >= 1
+    assert len([p for p in cfg.run_dir.glob("checkpoint_*") if p.is_dir()]) >= 1
     export = Path(metrics["export_dir"])
     for name in ("model.safetensors", "config.json", "diffembed.json", "loss.png", "tokenizer_config.json"):
         assert (export / name).is_file(), name
@@ -145,3 +145,13 @@ def test_bad_config_fails_before_ray(overrides, needle):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert "ray" not in proc.stdout.lower()
+
+
+def test_resume_an_earlier_run(ray_cluster, tmp_path, tiny_checkpoints):
+    first = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=4", "run.checkpoint_every=4")
+    assert train(first)["step"] == 4
+    longer = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=8", "run.checkpoint_every=4",
+                         "run.name=train-tiny-more")
+    metrics = train(longer, resume=str(first.run_dir))
+    assert metrics["step"] == 8 and metrics["attempt"] == 1  # continued from step 4, did not start over
+    assert [h["step"] for h in history(longer)] == list(range(1, 9))

@@ -105,7 +105,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     embedder.model = engine  # the Embedder's forward now runs through DeepSpeed
 
     start_step, attempt, history = 0, 0, []
-    checkpoint = ray.train.get_checkpoint()
+    # A restart after a failure resumes from this run's latest checkpoint; `--resume` from an earlier run's.
+    checkpoint = ray.train.get_checkpoint() or (
+        ray.train.Checkpoint(config["resume_from"]) if config.get("resume_from") else None
+    )
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             _, client = engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG)
@@ -225,16 +228,14 @@ def build_plan(cfg: TrainConfig) -> list[list[dict]]:
     )
 
 
-def latest_checkpoint(run_dir: Path):
-    """The newest Ray checkpoint directory under an earlier run's directory, as a Checkpoint."""
-    import ray.train
-
+def latest_checkpoint(run_dir: Path) -> str:
+    """The newest Ray checkpoint directory under an earlier run's directory."""
     from diffembed.config import ConfigError
 
-    candidates = sorted(run_dir.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    candidates = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise ConfigError(f"--resume: no checkpoint_* directories in {run_dir}")
-    return ray.train.Checkpoint(str(candidates[-1]))
+    return str(candidates[-1].resolve())
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
@@ -260,7 +261,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     storage = str(Path(cfg.run.storage_path).expanduser().resolve()) if "://" not in cfg.run.storage_path else cfg.run.storage_path
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": ray.put(plan)},
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "plan": ray.put(plan),
+            "resume_from": latest_checkpoint(Path(resume)) if resume else None,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers,
             use_gpu=cfg.run.use_gpu,
@@ -273,7 +278,6 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
         ),
-        resume_from_checkpoint=latest_checkpoint(Path(resume)) if resume else None,
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})

@@ -1,0 +1,88 @@
+"""Training rows: validation with file and row, skip-or-fail, single-source global batches."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from diffembed.config import ConfigError
+from diffembed.train.data import expand_files, load_pairs, plan_batches
+from diffembed.train.deepspeed import deepspeed_config
+from diffembed.train.config import TrainConfig
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_bad_rows_are_reported_with_file_and_row(tmp_path):
+    good = json.dumps({"query": "q", "positive": "p", "negatives": ["n"]})
+    path = write(tmp_path / "pairs.jsonl", [
+        good,
+        json.dumps({"query": "", "positive": "p", "negatives": ["n"]}),  # row 2: empty query
+        "{not json",  # row 3
+        json.dumps({"query": "q", "negatives": ["n"]}),  # row 4: no positive
+        json.dumps({"query": "q", "positive": "p", "negatives": []}),  # row 5: no hard negative
+        good,
+    ])
+    pairs, bad = load_pairs([path], "auto", hard_negatives=1, bad_rows="skip")
+    assert len(pairs) == 2 and bad.count == 4
+    assert [e.split(": ")[0] for e in bad.examples] == [f"{path}:{i}" for i in (2, 3, 4, 5)]
+    with pytest.raises(ConfigError, match=rf"{path}:2: .*'query'"):
+        load_pairs([path], "auto", hard_negatives=1, bad_rows="fail")
+
+
+def test_parquet_rows(tmp_path):
+    table = pa.table({"query": ["a", "b"], "positive": ["pa", "pb"], "negatives": [["na"], ["nb"]],
+                      "source": ["x", "y"]})
+    pq.write_table(table, tmp_path / "pairs.parquet")
+    pairs, bad = load_pairs([str(tmp_path / "pairs.parquet")], "auto", 1, "fail")
+    assert [(p.query, p.source, p.negatives) for p in pairs] == [("a", "x", ["na"]), ("b", "y", ["nb"])]
+
+
+def test_same_source_batches(tmp_path):
+    rows = [json.dumps({"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}"], "source": "ab"[i % 2]})
+            for i in range(40)]
+    pairs, _ = load_pairs([write(tmp_path / "p.jsonl", rows)], "auto", 1, "fail")
+    plan = plan_batches(pairs, global_batch=8, steps=10, same_source=True, seed=0)
+    assert len(plan) == 10 and all(len(b) == 8 for b in plan)
+    assert all(len({r["source"] for r in batch}) == 1 for batch in plan)
+    assert {batch[0]["source"] for batch in plan} == {"a", "b"}
+    mixed = plan_batches(pairs, global_batch=8, steps=5, same_source=False, seed=0)
+    assert any(len({r["source"] for r in batch}) == 2 for batch in mixed)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(ConfigError, match="nope"):
+        expand_files([str(tmp_path / "nope*.jsonl")], "data.train_files")
+
+
+def test_deepspeed_config_follows_the_train_config():
+    cfg = TrainConfig.from_dict({"data": {"train_files": ["x"]}, "optim": {"global_batch_size": 16},
+                                 "run": {"num_workers": 4},
+                                 "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}})
+    ds = deepspeed_config(cfg, use_gpu=True)
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert deepspeed_config(cfg, use_gpu=False)["bf16"]["enabled"] is False
+    with pytest.raises(ConfigError, match="offload_params"):
+        TrainConfig.from_dict({"data": {"train_files": ["x"]}, "deepspeed": {"zero_stage": 2, "offload_params": True}})
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("train_*.yaml")):
+        cfg = TrainConfig.from_yaml(path)
+        assert cfg.optim.global_batch_size % cfg.run.num_workers == 0, path
+    paper = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "jobs/configs/train_dream7b_lora.yaml")
+    assert (paper.lora.r, paper.lora.alpha, paper.lora.dropout, paper.loss.scale) == (16, 32, 0.05, 50.0)
+    assert (paper.optim.lr, paper.optim.warmup_steps, paper.optim.global_batch_size) == (5e-5, 100, 16)
+    assert (paper.embedder.attention, paper.embedder.pooling, paper.embedder.max_length) == (
+        "bidirectional", "mean", 4096)
