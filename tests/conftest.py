@@ -27,6 +27,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session (tests that need their own start a subprocess)."""
+    import ray
+
+    os.environ["DS_ACCELERATOR"] = "cpu"  # the driver imports deepspeed for the training export
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """family -> directory of a tiny random checkpoint in that family's real layout."""
     root = tmp_path_factory.mktemp("tiny")

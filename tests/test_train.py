@@ -20,16 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "train_tiny.yaml"
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    import ray
-
-    os.environ["DS_ACCELERATOR"] = "cpu"  # the driver imports deepspeed for the export
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def tiny_config(tmp_path, tiny_checkpoints, *overrides) -> TrainConfig:
     return TrainConfig.from_yaml(
         TINY, [f"embedder.model={tiny_checkpoints['dream']}", f"run.storage_path={tmp_path}", *overrides]

@@ -270,9 +270,12 @@ class Embedder:
             pooled = self._aggregate(segments, pooled, len(texts))
         return finish(pooled, self.config.dimensions, self.config.normalize).numpy()
 
-    def encode_document_chunks(self, texts: Sequence[str]) -> ChunkEmbeddings:
-        """Every window of every document as its own vector, with token and character spans."""
-        segments = self.document_segments(texts, chunk=True)
+    def encode_document_chunks(self, texts: Sequence[str], chunk: bool = True) -> ChunkEmbeddings:
+        """Every window of every document as its own vector, with token and character spans.
+
+        With `chunk=False` each document is one (truncated) window: same output type, one row per text.
+        """
+        segments = self.document_segments(texts, chunk=chunk)
         if segments:
             vectors = finish(self._pooled_segments(segments), self.config.dimensions, self.config.normalize).numpy()
         else:

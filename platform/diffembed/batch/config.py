@@ -1,0 +1,38 @@
+"""The batch-embedding job's one config model: which corpus, which embedder, which Qdrant collection."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from diffembed.config import ConfigModel, EmbedderConfig
+from diffembed.index.config import StoreConfig
+
+
+class InputConfig(ConfigModel):
+    paths: list[str] = Field(description="JSONL/Parquet files or globs (local or s3://, gs://), or a folder of .txt/.md")
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    id_column: str | None = Field("id", description="Missing or empty ids become a stable hash of the content.")
+    text_column: str = "text"
+    title_column: str | None = None
+    metadata_columns: list[str] = Field(default_factory=list)
+
+
+class EncodeConfig(ConfigModel):
+    long_documents: Literal["truncate", "chunk"] = Field(
+        "chunk", description="chunk: one point per token window (multi-point indexing); truncate: one per document"
+    )
+    actors: int = Field(1, ge=1, description="Encoder actors (one model load each); one per GPU on a cluster.")
+    num_gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    batch_size: int = Field(32, ge=1, description="Documents per actor call (the Embedder then batches by tokens).")
+
+
+class EmbedCorpusConfig(ConfigModel):
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    input: InputConfig
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    skip_existing: bool = Field(True, description="Documents already fully in the collection are not re-embedded.")
+    summary_path: str | None = Field(None, description="Where the JSON summary goes (default: printed only).")

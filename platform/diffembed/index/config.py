@@ -1,0 +1,44 @@
+"""Where embeddings are stored: one Qdrant collection, on a server (`url`) or in local mode (`path`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+
+from diffembed.config import ConfigModel
+
+
+class StoreConfig(ConfigModel):
+    """A Qdrant collection and how points are written to it.
+
+    The same config is read by the job that fills the collection and the service that queries it,
+    so both agree on the vector name, distance and whether a BM25 sparse vector exists.
+    """
+
+    url: str | None = Field(None, description="Qdrant server, e.g. http://qdrant:6333. None: local mode under `path`.")
+    api_key: str | None = Field(None, repr=False, description="Server API key; read from QDRANT_API_KEY when unset.")
+    path: str = Field("qdrant_data", description="Local-mode storage folder (one process at a time: it is locked).")
+    collection: str = "diffembed"
+    vector_name: str = Field("dense", description="Name of the dense vector in each point.")
+    distance: Literal["cosine", "dot", "euclid"] = "cosine"
+    on_disk_vectors: bool = Field(False, description="Keep original dense vectors on disk (memmap) instead of RAM.")
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="int8: scalar quantization of the dense vector (4x less RAM for the search copy)."
+    )
+    sparse: bool = Field(False, description="Also store a BM25 sparse vector named 'bm25' (sparse/hybrid search).")
+    store_text: bool = Field(True, description="Keep each chunk's text in its payload.")
+    upsert_batch_size: int = Field(256, ge=1, description="Points per upsert request.")
+    max_retries: int = Field(5, ge=1, description="Attempts per request on connection errors, timeouts and 5xx.")
+    pause_indexing_during_load: bool = Field(
+        True, description="Server only: no HNSW indexing while the job writes; the index is built once at the end."
+    )
+    timeout_s: float = Field(60, gt=0, description="Per-request timeout against a server.")
+
+    @model_validator(mode="after")
+    def _api_key_from_env(self) -> Self:
+        # Keys belong in the environment, not in YAML files that get committed.
+        if self.api_key is None and os.environ.get("QDRANT_API_KEY"):
+            object.__setattr__(self, "api_key", os.environ["QDRANT_API_KEY"])
+        return self

@@ -1,0 +1,257 @@
+"""The Qdrant store in qdrant-client's local mode: ids, schema checks, resume bookkeeping, search modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qdrant_client import models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from tenacity import wait_none
+
+from diffembed.config import ConfigError
+from diffembed.index.config import StoreConfig
+from diffembed.index.sparse import document_vector, query_vector, term_id, terms
+from diffembed.index.store import ChunkRecord, QdrantStore, is_transient, point_id
+
+DIM = 16
+
+
+def make_store(tmp_path, **kw) -> QdrantStore:
+    return QdrantStore(StoreConfig(path=str(tmp_path / "q"), collection="test", **kw))
+
+
+def records(doc_id: str, n_chunks: int, rng, indices=None, texts=None, dim=DIM, **kw) -> list[ChunkRecord]:
+    indices = range(n_chunks) if indices is None else indices
+    return [
+        ChunkRecord(
+            doc_id=doc_id,
+            chunk_index=i,
+            n_chunks=n_chunks,
+            vector=rng.standard_normal(dim).astype(np.float32),
+            token_span=(i * 10, i * 10 + 12),
+            char_span=(i * 50, i * 50 + 60),
+            text=texts[i] if texts else f"chunk {i} of {doc_id}",
+            title=f"title {doc_id}",
+            **kw,
+        )
+        for i in indices
+    ]
+
+
+def test_point_ids_are_deterministic_and_reupsert_overwrites(tmp_path):
+    assert point_id("c", "doc", 0) == point_id("c", "doc", 0)
+    assert len({point_id("c", "doc", 0), point_id("c", "doc", 1), point_id("d", "doc", 0), point_id("c", "do", 0)}) == 4
+    rng = np.random.default_rng(0)
+    recs = records("a", 3, rng) + records("b", 2, rng)
+    with make_store(tmp_path, upsert_batch_size=2) as store:
+        store.ensure_collection(DIM)
+        store.upsert(recs)
+        assert store.count() == 5
+        store.upsert(recs)
+        store.ensure_collection(DIM)  # existing, compatible: a no-op
+        assert store.count() == 5
+
+
+def test_dimension_mismatch_is_one_line_config_error(tmp_path):
+    with make_store(tmp_path) as store:
+        store.ensure_collection(384)
+        with pytest.raises(ConfigError) as err:
+            store.ensure_collection(768)
+    msg = str(err.value)
+    assert "384" in msg and "768" in msg and "'test'" in msg and "'dense'" in msg and "\n" not in msg
+    with make_store(tmp_path, distance="dot") as store, pytest.raises(ConfigError, match="dot"):
+        store.ensure_collection(384)
+    with make_store(tmp_path, sparse=True) as store, pytest.raises(ConfigError, match="bm25"):
+        store.ensure_collection(384)
+
+
+def test_complete_docs_and_delete_docs(tmp_path):
+    rng = np.random.default_rng(1)
+    with make_store(tmp_path) as store:
+        store.ensure_collection(DIM)
+        store.upsert(records("full", 3, rng) + records("partial", 3, rng, indices=[0, 2]) + records("one", 1, rng))
+        assert store.complete_docs(["full", "partial", "one", "absent"]) == {"full", "one"}
+        store.delete_docs(["partial", "absent"])
+        assert store.count() == 4
+        assert store.complete_docs(["partial"]) == set()
+        store.delete_docs([])
+        # a doc re-chunked into fewer chunks keeps stale points: incomplete until deleted and rewritten
+        store.upsert(records("full", 2, rng))
+        assert "full" not in store.complete_docs(["full"])
+
+
+def test_complete_docs_pages_through_many_ids(tmp_path):
+    rng = np.random.default_rng(2)
+    recs = [r for d in range(300) for r in records(f"d{d}", 2, rng, dim=4)]
+    with make_store(tmp_path, upsert_batch_size=128) as store:
+        store.ensure_collection(4)
+        store.upsert(recs)
+        assert store.complete_docs([f"d{d}" for d in range(300)]) == {f"d{d}" for d in range(300)}
+
+
+def test_dense_search_returns_nearest_with_spans_and_payload(tmp_path):
+    rng = np.random.default_rng(3)
+    recs = records("a", 3, rng, metadata={"lang": "en"}) + records("b", 2, rng, metadata={"lang": "de"})
+    with make_store(tmp_path) as store:
+        store.ensure_collection(DIM)
+        store.upsert(recs)
+        target = recs[4]
+        hits = store.search(target.vector + 0.01 * rng.standard_normal(DIM).astype(np.float32), None, top_k=3)
+        assert len(hits) == 3
+        top = hits[0]
+        assert (top.doc_id, top.chunk_index) == ("b", 1)
+        assert top.id == point_id("test", "b", 1)
+        assert top.token_span == target.token_span and top.char_span == target.char_span
+        assert top.payload["text"] == target.text and top.payload["title"] == "title b"
+        assert top.payload["n_chunks"] == 2 and top.payload["meta"] == {"lang": "de"}
+        assert top.score > hits[1].score
+
+
+def test_payload_filter_restricts_results(tmp_path):
+    rng = np.random.default_rng(4)
+    recs = records("a", 3, rng, metadata={"lang": "en"}) + records("b", 2, rng, metadata={"lang": "de"})
+    with make_store(tmp_path, store_text=False) as store:
+        store.ensure_collection(DIM)
+        store.upsert(recs)
+        hits = store.search(recs[4].vector, None, top_k=10, filter={"doc_id": "a"})
+        assert {h.doc_id for h in hits} == {"a"} and len(hits) == 3
+        hits = store.search(recs[0].vector, None, top_k=10, filter={"meta.lang": ["de", "fr"]})
+        assert {h.doc_id for h in hits} == {"b"}
+        hits = store.search(recs[0].vector, None, top_k=10, filter={"doc_id": ["a", "b"], "chunk_index": 0})
+        assert sorted(h.doc_id for h in hits) == ["a", "b"]
+        assert "text" not in hits[0].payload
+
+
+TEXTS = [
+    "The committee discussed the annual budget and the new parking rules.",
+    "A zyxovian crystal was found in the cave by the survey team.",
+    "Weather forecasts predict rain for the whole weekend in the north.",
+    "Recipes for bread usually need flour, water, salt and yeast.",
+]
+
+
+def test_sparse_and_hybrid_find_the_rare_term(tmp_path):
+    rng = np.random.default_rng(5)
+    recs = [r for i, t in enumerate(TEXTS) for r in records(f"doc{i}", 1, rng, texts=[t])]
+    with make_store(tmp_path, sparse=True) as store:
+        store.ensure_collection(DIM)
+        store.upsert(recs)
+        dense = rng.standard_normal(DIM).astype(np.float32)  # unrelated to any document
+        for mode in ("sparse", "hybrid"):
+            hits = store.search(dense, "where are zyxovian crystals?", top_k=3, mode=mode)
+            assert hits[0].doc_id == "doc1", mode
+        assert store.search(None, "the and of", mode="sparse") == []  # stopwords only
+        assert len(store.search(dense, "the", top_k=2, mode="hybrid")) == 2  # falls back to dense alone
+        with pytest.raises(ValueError):
+            store.search(None, "zyxovian", mode="hybrid")
+    with make_store(tmp_path / "other") as store, pytest.raises(ConfigError, match="sparse"):
+        store.search(dense, "zyxovian", mode="sparse")
+
+
+def test_bm25_vectors():
+    assert terms("The Running queries!") == ["run", "queri"]
+    empty = document_vector("")
+    assert empty.indices == [] and empty.values == []
+    assert document_vector("the of and").indices == [] and query_vector("").indices == []
+    doc = document_vector("cats cats cats dogs")
+    weights = dict(zip(doc.indices, doc.values))
+    assert weights[term_id("cat")] > weights[term_id("dog")] > 0
+    assert weights[term_id("cat")] < 2.2  # saturates below k1 + 1
+    assert all(0 <= i < 2**32 for i in doc.indices) and doc.indices == sorted(doc.indices)
+    q = query_vector("cat cats dog")
+    assert sorted(q.indices) == sorted({term_id("cat"), term_id("dog")}) and q.values == [1.0, 1.0]
+
+
+def test_empty_text_still_upserts_with_sparse(tmp_path):
+    rng = np.random.default_rng(6)
+    recs = records("empty", 2, rng, texts=["", "   "]) + records("none", 1, rng, texts=None)
+    recs[-1].text = None
+    with make_store(tmp_path, sparse=True, store_text=False) as store:
+        store.ensure_collection(DIM)
+        store.upsert(recs)
+        assert store.count() == 3
+        assert store.complete_docs(["empty", "none"]) == {"empty", "none"}
+
+
+def test_int8_quantization_and_on_disk(tmp_path):
+    rng = np.random.default_rng(7)
+    with make_store(tmp_path, quantization="int8", on_disk_vectors=True, distance="dot") as store:
+        store.ensure_collection(DIM)
+        params = store.client.get_collection("test").config.params.vectors["dense"]
+        assert params.on_disk is True and params.distance == models.Distance.DOT
+        assert params.quantization_config.scalar.type == models.ScalarType.INT8
+        recs = records("a", 4, rng)
+        store.upsert(recs)
+        with store.bulk_load():  # a no-op in local mode
+            pass
+        assert store.search(recs[2].vector, None, top_k=1)[0].chunk_index == 2
+
+
+def test_retries_transient_errors_only(tmp_path, monkeypatch):
+    assert is_transient(ResponseHandlingException(ConnectionError("refused")))
+    assert is_transient(UnexpectedResponse(503, "Service Unavailable", b"", None))
+    assert not is_transient(UnexpectedResponse(400, "Bad Request", b"", None))
+    assert is_transient(TimeoutError()) and not is_transient(ValueError())
+    rng = np.random.default_rng(8)
+    with make_store(tmp_path, max_retries=3) as store:
+        store.ensure_collection(DIM)
+        store._retrying = store._retrying.copy(wait=wait_none())
+        real, calls = store.client.upsert, []
+
+        def flaky(*args, **kwargs):
+            calls.append(1)
+            if len(calls) < 3:
+                raise ResponseHandlingException(ConnectionError("reset"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(store.client, "upsert", flaky)
+        store.upsert(records("a", 1, rng))
+        assert len(calls) == 3 and store.count() == 1
+
+        def bad_request(*args, **kwargs):
+            calls.append(1)
+            raise UnexpectedResponse(400, "Bad Request", b"", None)
+
+        calls.clear()
+        monkeypatch.setattr(store.client, "upsert", bad_request)
+        with pytest.raises(UnexpectedResponse):
+            store.upsert(records("a", 1, rng))
+        assert len(calls) == 1
+
+
+def test_api_key_from_env(monkeypatch):
+    monkeypatch.setenv("QDRANT_API_KEY", "secret")
+    cfg = StoreConfig(url="http://qdrant:6333")
+    assert cfg.api_key == "secret" and "secret" not in repr(cfg)
+    assert StoreConfig(api_key="given").api_key == "given"
+
+
+class FakeServer:
+    """Just enough of QdrantClient for bulk_load's server path."""
+
+    def __init__(self, threshold):
+        self.threshold, self.updates = threshold, []
+
+    def get_collection(self, name):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(config=SimpleNamespace(optimizer_config=SimpleNamespace(indexing_threshold=self.threshold)))
+
+    def update_collection(self, name, optimizers_config):
+        self.updates.append(optimizers_config.indexing_threshold)
+        self.threshold = optimizers_config.indexing_threshold
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("previous, expected", [(20000, [0, 20000]), (None, [0, 10000]), (0, [])])
+def test_bulk_load_pauses_indexing_on_a_server_and_restores_it_on_error(tmp_path, previous, expected):
+    store = make_store(tmp_path)
+    store.close()
+    store.cfg = StoreConfig(url="http://qdrant:6333", collection="test")
+    store.client = fake = FakeServer(previous)
+    with pytest.raises(RuntimeError), store.bulk_load():
+        assert fake.threshold == 0
+        raise RuntimeError("writer failed")
+    assert fake.updates == expected
