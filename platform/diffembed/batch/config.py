@@ -27,6 +27,9 @@ class EncodeConfig(ConfigModel):
     num_gpus_per_actor: float = Field(0, ge=0)
     cpus_per_actor: float = Field(1, gt=0)
     batch_size: int = Field(32, ge=1, description="Documents per actor call (the Embedder then batches by tokens).")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads per actor on CPU. Default: the node's cores / actors."
+    )
 
 
 class EmbedCorpusConfig(ConfigModel):

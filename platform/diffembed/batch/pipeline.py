@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,53 +25,56 @@ log = logging.getLogger(__name__)
 
 
 class EncodeActor:
-    """A Ray Data actor: loads the Embedder once, turns a batch of documents into one row per chunk."""
+    """A Ray Data actor: loads the Embedder once, turns a batch of documents into one row per chunk.
 
-    def __init__(self, embedder: dict[str, Any], long_documents: str, store_text: bool):
+    Rows that cannot be embedded come out as one marker row (`chunk_index` -1, `skip` set) so the driver
+    counts them; documents in the `done` set (already fully indexed) are dropped.
+    """
+
+    def __init__(self, embedder: dict[str, Any], long_documents: str, threads: int, done=None):
+        import ray
+        import torch
+
         from diffembed.models.embedder import Embedder
 
+        # Ray pins an actor to OMP_NUM_THREADS=num_cpus (1): on CPU the encoder would use one core while the
+        # rest of the pipeline (reading, writing) needs next to none. Give torch the cores we were told to.
+        torch.set_num_threads(threads)
         self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
         self.chunk = long_documents == "chunk"
-        self.store_text = store_text
+        self.done: set[str] = ray.get(done) if done is not None else set()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        texts = [str(t) for t in batch["text"]]
+        skip = np.array([bool(s) for s in batch["skip"]], dtype=bool)
+        todo = np.array([not s and str(d) not in self.done for d, s in zip(batch["doc_id"], batch["skip"])],
+                        dtype=bool)
+        texts = [str(t) for t in batch["text"][todo]]
         chunks = self.embedder.encode_document_chunks(texts, chunk=self.chunk)
-        src = chunks.text_index  # (M,) which document each chunk belongs to
-        n_chunks = np.bincount(src, minlength=len(texts))  # (N,)
-        token_counts = chunks.token_spans[:, 1] - chunks.token_spans[:, 0]
+        rows = np.flatnonzero(todo)[chunks.text_index]  # (M,) batch row of each chunk
+        marks = np.flatnonzero(skip)  # (K,) batch rows reported as skipped
+        n_chunks = np.bincount(chunks.text_index, minlength=len(texts))[chunks.text_index]  # (M,)
+        k, dim = len(marks), self.embedder.dimension
+        take = np.concatenate([rows, marks]).astype(np.int64)  # (M + K,)
+
+        def ints(values: np.ndarray) -> np.ndarray:
+            return np.concatenate([values.astype(np.int64), np.full(k, -1, dtype=np.int64)])
+
         return {
-            "doc_id": batch["doc_id"][src],
-            "title": batch["title"][src],
-            "meta": batch["meta"][src],
-            "chunk_index": chunks.chunk_index,
-            "n_chunks": n_chunks[src],
-            "token_start": chunks.token_spans[:, 0],
-            "token_end": chunks.token_spans[:, 1],
-            "char_start": chunks.char_spans[:, 0],
-            "char_end": chunks.char_spans[:, 1],
-            "tokens": token_counts,
-            "text": np.array(
-                [texts[i][s:e] for i, (s, e) in zip(src, chunks.char_spans)], dtype=object
-            ),
-            "vector": chunks.vectors,  # (M, D) float32
+            "doc_id": batch["doc_id"][take],
+            "title": batch["title"][take],
+            "meta": batch["meta"][take],
+            "skip": batch["skip"][take],
+            "where": batch["where"][take],
+            "chunk_index": ints(chunks.chunk_index),
+            "n_chunks": ints(n_chunks),
+            "token_start": ints(chunks.token_spans[:, 0]),
+            "token_end": ints(chunks.token_spans[:, 1]),
+            "char_start": ints(chunks.char_spans[:, 0]),
+            "char_end": ints(chunks.char_spans[:, 1]),
+            "text": np.array([texts[i][s:e] for i, (s, e) in zip(chunks.text_index, chunks.char_spans)]
+                             + [""] * k, dtype=object),
+            "vector": np.concatenate([chunks.vectors, np.zeros((k, dim), dtype=np.float32)]),  # (M + K, D)
         }
-
-
-_PENDING: dict[str, set[str]] = {}
-
-
-def _keep_pending(batch: dict[str, np.ndarray], pending_ref) -> dict[str, np.ndarray]:
-    """Rows still to embed; the pending-id set is fetched once per worker process, not once per row."""
-    import ray
-
-    key = pending_ref.hex()
-    if key not in _PENDING:
-        _PENDING.clear()
-        _PENDING[key] = ray.get(pending_ref)
-    pending = _PENDING[key]
-    keep = np.array([not s and str(d) in pending for d, s in zip(batch["doc_id"], batch["skip"])], dtype=bool)
-    return {k: v[keep] for k, v in batch.items() if k != "skip"}
 
 
 def model_dimension(cfg: EmbedderConfig) -> int:
@@ -99,37 +103,24 @@ def embed_corpus(cfg: EmbedCorpusConfig) -> dict[str, Any]:
         if not ray.is_initialized():
             ray.init()
 
-        # Pass 1 (cheap: no model): which documents still need embedding.
-        skipped: Counter[str] = Counter()
-        skip_examples: list[str] = []
-        pending: set[str] = set()
-        already = 0
-        for batch in ds.select_columns(["doc_id", "skip", "where"]).iter_batches(batch_size=1024):
-            ids = []
-            for doc_id, skip, where in zip(batch["doc_id"], batch["skip"], batch["where"]):
-                if skip:
-                    skipped[skip] += 1
-                    if len(skip_examples) < 10:
-                        skip_examples.append(f"{where}: {skip}")
-                else:
-                    ids.append(str(doc_id))
-            done = store.complete_docs(ids) if cfg.skip_existing else set()
-            already += len(done)
-            todo = [i for i in ids if i not in done]
-            store.delete_docs(todo)  # leftovers of a document cut off by a crash
-            pending.update(todo)
+        # Pass 1, only when the collection already has points (a rerun): which documents are complete.
+        # Partly written ones (a crash mid-document) are deleted here and embedded again.
+        done: set[str] = set()
+        if cfg.skip_existing and store.count():
+            for batch in ds.select_columns(["doc_id", "skip"]).iter_batches(batch_size=1024):
+                ids = [str(d) for d, skip in zip(batch["doc_id"], batch["skip"]) if not skip]
+                complete = store.complete_docs(ids)
+                done |= complete
+                store.delete_docs([i for i in ids if i not in complete])
 
-        # Pass 2: encode what is pending on the actor pool, write through this process.
-        pending_ref = ray.put(pending)
-        todo_ds = ds.select_columns(["doc_id", "text", "title", "meta", "skip"]).map_batches(
-            lambda batch: _keep_pending(batch, pending_ref), batch_format="numpy"
-        )
-        encoded = todo_ds.map_batches(
+        # Pass 2: encode on the actor pool, write through this process.
+        encoded = ds.map_batches(
             EncodeActor,
             fn_constructor_kwargs={
                 "embedder": cfg.embedder.model_dump(mode="json"),
                 "long_documents": cfg.encode.long_documents,
-                "store_text": cfg.store.store_text,
+                "threads": cfg.encode.torch_threads or max(1, (os.cpu_count() or 1) // cfg.encode.actors),
+                "done": ray.put(done) if done else None,
             },
             compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors),
             batch_size=cfg.encode.batch_size,
@@ -138,10 +129,18 @@ def embed_corpus(cfg: EmbedCorpusConfig) -> dict[str, Any]:
             batch_format="numpy",
         )
         docs, chunks, tokens = set(), 0, 0
+        skipped: Counter[str] = Counter()
+        skip_examples: list[str] = []
         with store.bulk_load():
             for batch in encoded.iter_batches(batch_size=cfg.store.upsert_batch_size, batch_format="numpy"):
-                records = [
-                    ChunkRecord(
+                records = []
+                for i in range(len(batch["doc_id"])):
+                    if batch["chunk_index"][i] < 0:
+                        skipped[str(batch["skip"][i])] += 1
+                        if len(skip_examples) < 10:
+                            skip_examples.append(f"{batch['where'][i]}: {batch['skip'][i]}")
+                        continue
+                    records.append(ChunkRecord(
                         doc_id=str(batch["doc_id"][i]),
                         chunk_index=int(batch["chunk_index"][i]),
                         n_chunks=int(batch["n_chunks"][i]),
@@ -151,14 +150,14 @@ def embed_corpus(cfg: EmbedCorpusConfig) -> dict[str, Any]:
                         text=str(batch["text"][i]),
                         title=batch["title"][i] if isinstance(batch["title"][i], str) else None,
                         metadata=json.loads(batch["meta"][i]),
-                    )
-                    for i in range(len(batch["doc_id"]))
-                ]
-                store.upsert(records)
-                docs.update(r.doc_id for r in records)
-                chunks += len(records)
-                tokens += int(batch["tokens"].sum())
-                print(f"progress: {chunks} chunks of {len(docs)} documents written", flush=True)
+                    ))
+                    tokens += int(batch["token_end"][i] - batch["token_start"][i])
+                if records:
+                    store.upsert(records)
+                    docs.update(r.doc_id for r in records)
+                    chunks += len(records)
+                    print(f"progress: {chunks} chunks of {len(docs)} documents written", flush=True)
+        already = len(done)
         wall = time.perf_counter() - started
         summary = {
             "collection": cfg.store.collection,
