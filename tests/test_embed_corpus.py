@@ -204,3 +204,19 @@ def test_dimension_mismatch_is_caught_before_writing(ray_cluster, corpus, tmp_pa
         embed_corpus(config(tmp_path, path, store))
     with QdrantStore(config(tmp_path, path, store).store) as s:
         assert s.count() == 0
+
+
+def test_folder_of_text_files(ray_cluster, tmp_path):
+    folder = tmp_path / "notes"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.md").write_text("# Harbour\nThe harbour lights were repaired in spring.")
+    (folder / "sub" / "b.txt").write_text("Glacier measurements show a retreat of twelve metres.")
+    (folder / "empty.txt").write_text("")
+    cfg = EmbedCorpusConfig.from_dict({
+        "input": {"paths": [str(folder)]},
+        "store": {"path": str(tmp_path / "q"), "collection": "docs"},
+    })
+    summary = embed_corpus(cfg)
+    assert summary["documents_embedded"] == 2 and summary["skipped_rows"] == 1
+    ids = {p["payload"]["doc_id"] for p in all_points(tmp_path / "q").values()}
+    assert ids == {"a.md", "sub/b.txt"}
