@@ -86,3 +86,17 @@ def test_shipped_configs_parse():
     assert (paper.optim.lr, paper.optim.warmup_steps, paper.optim.global_batch_size) == (5e-5, 100, 16)
     assert (paper.embedder.attention, paper.embedder.pooling, paper.embedder.max_length) == (
         "bidirectional", "mean", 4096)
+
+
+def test_ray_data_reader_matches_the_local_one(ray_cluster, tmp_path):
+    from diffembed.train.data import read_pairs
+
+    good = json.dumps({"query": "q", "positive": "p", "negatives": ["n"], "source": "s"})
+    a = write(tmp_path / "a.jsonl", [good, "{bad", good.replace('"q"', '"q2"')])
+    b = write(tmp_path / "b.jsonl", [json.dumps({"query": "x", "positive": ""}), good])
+    local = load_pairs([a, b], "auto", 1, "skip")
+    ray_read = read_pairs([a, b], "auto", 1, "skip")
+    assert [p.query for p in ray_read[0]] == [p.query for p in local[0]] == ["q", "q2", "q"]
+    assert ray_read[1].examples == local[1].examples and ray_read[1].count == 2
+    with pytest.raises(ConfigError, match=rf"{a}:2"):
+        read_pairs([a, b], "auto", 1, "fail")

@@ -55,26 +55,34 @@ def expand_files(patterns: list[str], what: str) -> list[str]:
     return files
 
 
-def _rows(path: str, fmt: str) -> Iterator[tuple[int, Any]]:
-    """(row number starting at 1, parsed row or an Exception) for every row of a file."""
-    kind = fmt if fmt != "auto" else ("parquet" if path.endswith((".parquet", ".pq")) else "jsonl")
+def _kind(path: str, fmt: str) -> str:
+    return fmt if fmt != "auto" else ("parquet" if path.endswith((".parquet", ".pq")) else "jsonl")
+
+
+def _parse(data: bytes, kind: str) -> Iterator[tuple[int, Any]]:
+    """(row number starting at 1, parsed row or an Exception) for every row of a file's bytes."""
     if kind == "parquet":
+        import io
+
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, row
+        yield from enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1)
         return
+    for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield i, ValueError(f"malformed JSON ({exc.msg})")
+
+
+def _rows(path: str, fmt: str) -> Iterator[tuple[int, Any]]:
     import pyarrow.fs as pafs
 
     fs, fs_path = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
     with fs.open_input_stream(fs_path) as stream:
-        for i, line in enumerate(stream.read().decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield i, ValueError(f"malformed JSON ({exc.msg})")
+        yield from _parse(stream.read(), _kind(path, fmt))
 
 
 def _pair(row: Any, hard_negatives: int) -> Pair:
@@ -101,21 +109,65 @@ def _pair(row: Any, hard_negatives: int) -> Pair:
     )
 
 
-def load_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> tuple[list[Pair], BadRows]:
+def _collect(checked: Iterator[tuple[str, Pair | str]], bad_rows: str) -> tuple[list[Pair], BadRows]:
+    """Pairs and bad rows from (where, pair or reason) items; fatal on the first bad row if asked."""
     pairs, bad = [], BadRows()
-    for path in files:
-        for number, row in _rows(path, fmt):
-            try:
-                pairs.append(_pair(row, hard_negatives))
-            except ValueError as exc:
-                if bad_rows == "fail":
-                    raise ConfigError(f"{path}:{number}: bad training row: {exc}") from None
-                bad.add(f"{path}:{number}", str(exc))
+    for where, item in checked:
+        if isinstance(item, Pair):
+            pairs.append(item)
+        elif bad_rows == "fail":
+            raise ConfigError(f"{where}: bad training row: {item}")
+        else:
+            bad.add(where, item)
     if bad.count:
         log.warning("skipped %d bad training rows; first: %s", bad.count, "; ".join(bad.examples[:3]))
+    return pairs, bad
+
+
+def _check(path: str, rows: Iterator[tuple[int, Any]], hard_negatives: int) -> Iterator[tuple[str, Pair | str]]:
+    for number, row in rows:
+        try:
+            yield f"{path}:{number}", _pair(row, hard_negatives)
+        except ValueError as exc:
+            yield f"{path}:{number}", str(exc)
+
+
+def load_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> tuple[list[Pair], BadRows]:
+    """Read and validate in this process (small files: dev sets, tests)."""
+    checked = (item for path in files for item in _check(path, _rows(path, fmt), hard_negatives))
+    pairs, bad = _collect(checked, bad_rows)
     if not pairs:
         raise ConfigError(f"no usable training rows in {', '.join(files)}")
     return pairs, bad
+
+
+def read_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> tuple[list[Pair], BadRows]:
+    """Read and validate with Ray Data (parallel, any pyarrow filesystem), gathered on the driver for planning.
+
+    Files are read whole (`read_binary_files`) so every bad row keeps its file and row number.
+    """
+    import ray.data
+
+    def check(record: dict[str, Any]) -> list[dict[str, Any]]:
+        path = record["path"]
+        rows = _check(path, _parse(record["bytes"], _kind(path, fmt)), hard_negatives)
+        return [{"where": w, "pair": json.dumps(asdict(i)) if isinstance(i, Pair) else None,
+                 "reason": None if isinstance(i, Pair) else i} for w, i in rows]
+
+    ds = ray.data.read_binary_files(files, include_paths=True).flat_map(check)
+    records = sorted(ds.take_all(), key=lambda r: _order(r["where"], files))
+    checked = ((r["where"], Pair(**json.loads(r["pair"])) if r["pair"] else r["reason"]) for r in records)
+    pairs, bad = _collect(checked, bad_rows)
+    if not pairs:
+        raise ConfigError(f"no usable training rows in {', '.join(files)}")
+    return pairs, bad
+
+
+def _order(where: str, files: list[str]) -> tuple[int, int]:
+    """Input order (file, row), whatever order Ray Data returned the rows in."""
+    path, _, number = where.rpartition(":")
+    index = next((i for i, f in enumerate(files) if path.endswith(f.split("://")[-1].lstrip("/"))), len(files))
+    return index, int(number)
 
 
 def plan_batches(

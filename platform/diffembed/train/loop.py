@@ -217,10 +217,10 @@ def _report(engine, metrics: dict[str, Any], save: bool, attempt: int, rank: int
 
 
 def build_plan(cfg: TrainConfig) -> list[list[dict]]:
-    from diffembed.train.data import expand_files, load_pairs, plan_batches
+    from diffembed.train.data import expand_files, plan_batches, read_pairs
 
     files = expand_files(cfg.data.train_files, "data.train_files")
-    pairs, bad = load_pairs(files, cfg.data.format, cfg.data.hard_negatives, cfg.data.bad_rows)
+    pairs, bad = read_pairs(files, cfg.data.format, cfg.data.hard_negatives, cfg.data.bad_rows)
     if bad.count:
         print(f"skipped {bad.count} bad training rows, e.g. {bad.examples[0]}")
     return plan_batches(
@@ -247,10 +247,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     from diffembed.train.export import export_from_checkpoint
 
     cfg.check_files()
-    plan = build_plan(cfg)
-    dev = _dev_pairs(cfg)
     if not ray.is_initialized():
         ray.init()
+    plan = build_plan(cfg)
+    dev = _dev_pairs(cfg)
     before = _dev_metrics(cfg, cfg.embedder, dev) if dev else {}
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if not cfg.run.use_gpu:
