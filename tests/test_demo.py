@@ -22,8 +22,8 @@ def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_demo_finds_gzip_for_a_gzip_query():
-    result = run_demo("--limit", "300", "compress a file with gzip")
+def test_demo_finds_gzip_for_a_gzip_query(tmp_path):
+    result = run_demo("--limit", "300", "--workdir", str(tmp_path), "compress a file with gzip")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert re.match(r"^300 documents \(\d+ stdlib modules\) encoded in ", lines[0]), lines[0]
@@ -31,6 +31,9 @@ def test_demo_finds_gzip_for_a_gzip_query():
     hits = [m.group(1) for line in lines[start + 1 :] if (m := HIT.match(line))]
     assert len(hits) == 3, result.stdout  # default --top-k
     assert any(hit == "gzip" or hit.startswith("gzip.") for hit in hits), result.stdout
+    assert "300 embedded now" in lines[0]
+    again = run_demo("--limit", "300", "--workdir", str(tmp_path), "compress a file with gzip")
+    assert again.returncode == 0 and "0 embedded now" in again.stdout.splitlines()[0]  # idempotent rerun
 
 
 def test_empty_query_is_a_one_line_error():

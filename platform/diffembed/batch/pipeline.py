@@ -86,7 +86,7 @@ def model_dimension(cfg: EmbedderConfig) -> int:
     return int(cfg.dimensions or width)
 
 
-def embed_corpus(cfg: EmbedCorpusConfig) -> dict[str, Any]:
+def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any]:
     """Run the job on the current Ray cluster; returns (and optionally writes) the summary."""
     import ray
     import ray.data
@@ -156,7 +156,8 @@ def embed_corpus(cfg: EmbedCorpusConfig) -> dict[str, Any]:
                     store.upsert(records)
                     docs.update(r.doc_id for r in records)
                     chunks += len(records)
-                    print(f"progress: {chunks} chunks of {len(docs)} documents written", flush=True)
+                    if progress:
+                        print(f"progress: {chunks} chunks of {len(docs)} documents written", flush=True)
         already = len(done)
         wall = time.perf_counter() - started
         summary = {
