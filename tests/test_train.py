@@ -98,7 +98,7 @@ def test_finetuning_minilm_raises_ndcg(ray_cluster, tmp_path):
         {
             "embedder": {"model": "all-MiniLM-L6-v2", "max_length": 32},
             "data": {"train_files": [str(write_jsonl(tmp_path / "train.jsonl", train_rows))]},
-            "eval": {"dev_files": [str(write_jsonl(tmp_path / "dev.jsonl", dev_rows))]},
+            "eval": {"dev_files": [str(write_jsonl(tmp_path / "dev.jsonl", dev_rows))], "every": 18},
             "lora": {"enabled": False},
             "optim": {"lr": 2e-4, "warmup_steps": 3, "max_steps": 36, "global_batch_size": 16},
             "loss": {"scale": 20.0},
@@ -109,6 +109,9 @@ def test_finetuning_minilm_raises_ndcg(ray_cluster, tmp_path):
     metrics = train(cfg)
     before, after = metrics["dev_ndcg@10_before"], metrics["dev_ndcg@10"]
     assert after > before + 0.1, (before, after)
+    during = [h for h in history(cfg) if "dev_ndcg@10" in h]  # evaluated in the loop every 18 steps
+    assert [h["step"] for h in during] == [18, 36]
+    assert abs(during[-1]["dev_ndcg@10"] - after) < 0.02  # the exported model scores as the trained one did
     # The export is still a sentence-transformers model directory.
     from sentence_transformers import SentenceTransformer
 

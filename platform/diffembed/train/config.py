@@ -80,6 +80,7 @@ class EvalConfig(ConfigModel):
         default_factory=list,
         description="Dev rows (same schema): nDCG@10 of the base model before and of the export after training.",
     )
+    every: int = Field(0, ge=0, description="Also evaluate the model in training every N steps (0 = off).")
 
 
 class TrainConfig(ConfigModel):

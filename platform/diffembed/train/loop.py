@@ -79,6 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = TrainConfig.model_validate(config["cfg"])
     plan = ray.get(config["plan"])
+    dev = ray.get(config["dev"]) if config.get("dev") is not None else []
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.run.seed + rank)
@@ -179,11 +180,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "samples_per_s": cfg.optim.global_batch_size / elapsed,
             "tokens_per_s": tokens * world / elapsed,
         }
-        history.append({k: metrics[k] for k in ("step", "loss", "lr", "samples_per_s")})
+        if dev and cfg.eval.every and step_no % cfg.eval.every == 0:
+            metrics.update({f"dev_{k}": v for k, v in _evaluate(embedder, engine, dev).items()})
+        history.append({k: v for k, v in metrics.items() if k in ("step", "loss", "lr", "samples_per_s")
+                        or k.startswith("dev_")})
         save = step_no % cfg.run.checkpoint_every == 0 or step_no == cfg.optim.max_steps
         if save or step_no % cfg.run.log_every == 0:
             probe = _probe(embedder, engine) if step_no == cfg.optim.max_steps else None
             _report(engine, metrics, save, attempt, rank, probe, history)
+
+
+def _evaluate(embedder, engine, dev) -> dict[str, float]:
+    """Dev-set retrieval metrics of the model being trained; every rank runs it (ZeRO-3 needs them all)."""
+    from diffembed.train.dev_eval import dev_ndcg
+
+    engine.eval()
+    try:
+        return dev_ndcg(embedder, dev)
+    finally:
+        engine.train()
 
 
 def _probe(embedder, engine) -> list[list[float]]:
@@ -265,6 +280,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
             "cfg": cfg.model_dump(mode="json"),
             "plan": ray.put(plan),
             "resume_from": latest_checkpoint(Path(resume)) if resume else None,
+            "dev": ray.put(dev) if dev and cfg.eval.every else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers,
