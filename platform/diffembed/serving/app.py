@@ -1,0 +1,34 @@
+"""The Serve application builder: `serve run serve/config.yaml` (or `serve.run(app_builder(ServeArgs(...)))`).
+
+No `from __future__ import annotations` here: Serve reads the builder's parameter annotation to validate the
+config's `args:` into `ServeArgs`, which needs the real class, not a string.
+"""
+
+from typing import Any
+
+from ray import serve
+
+from diffembed.serving.config import ServeArgs
+
+
+def app_builder(args: ServeArgs) -> serve.Application:
+    from diffembed.serving.encoder import encoder_deployment
+    from diffembed.serving.ingress import ingress_deployment
+    from diffembed.serving.retriever import retriever_deployment
+
+    encoder = encoder_deployment(args).bind(
+        args.embedder.model_dump(mode="json"),
+        args.encoder.max_batch_tokens,
+        args.encoder.batch_wait_timeout_s,
+        args.encoder.torch_threads or max(1, int(args.encoder.num_cpus)),
+    )
+    retriever = None
+    if args.store is not None:
+        retriever = retriever_deployment(args).bind(args.store.model_dump(mode="json"), encoder)
+    # api_key is excluded from repr but must reach the replicas: dump it explicitly
+    return ingress_deployment(args).bind(encoder, retriever, args.model_dump(mode="json"))
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The same builder for callers holding a plain dict (validated into ServeArgs here)."""
+    return app_builder(ServeArgs.from_dict(dict(args or {}), source="serve args"))

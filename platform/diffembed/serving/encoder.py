@@ -1,0 +1,176 @@
+"""The encoder deployment: one Embedder per replica, requests micro-batched by tokens with @serve.batch.
+
+Each input text becomes one batch item carrying its ready-made segments (tokenised in the caller's request,
+outside the batch loop) and its token cost; `batch_size_fn` sums those costs, so a batch is bounded by
+padded-token budget rather than by request count. The forward pass runs in a worker thread so the replica's
+event loop keeps accepting requests (and health checks) while a batch computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from ray import serve
+
+from diffembed.config import EmbedderConfig
+
+log = logging.getLogger("ray.serve")
+
+Kind = Literal["query", "document"]
+
+
+class InputTooLong(ValueError):
+    """An input exceeds max_length and the request asked not to truncate."""
+
+
+@dataclass
+class Item:
+    segments: list  # list[Segment], all with source 0
+    cost: int  # tokens counted against the batch budget (capped at the budget itself)
+
+
+def batch_tokens(items: list[Item]) -> int:
+    return sum(item.cost for item in items)
+
+
+@dataclass
+class EncodeResult:
+    vectors: np.ndarray  # (N, D) float32
+    tokens: list[int]  # tokens per input (after truncation, incl. special tokens)
+
+
+class _TokenBudgetWarningFilter(logging.Filter):
+    """Serve warns when max_batch_size > max_ongoing_requests, which assumes one item per request. Our
+    batch size is in tokens and one request brings many texts, so the warning does not apply."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will never achieve the configured `max_batch_size`" not in record.getMessage()
+
+
+class EncoderImpl:
+    """The deployment's body, usable without Serve (tests and the in-process benchmark baseline)."""
+
+    def __init__(self, embedder: dict[str, Any], max_batch_tokens: int = 8192, batch_wait_timeout_s: float = 0.005,
+                 torch_threads: int | None = None):
+        import torch
+
+        from diffembed.models.embedder import Embedder
+
+        log.addFilter(_TokenBudgetWarningFilter())
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
+        self.max_batch_tokens = max_batch_tokens
+        self._retune(max_batch_tokens, batch_wait_timeout_s)
+
+    # -- configuration --------------------------------------------------------------------------------
+
+    def _retune(self, max_batch_tokens: int, batch_wait_timeout_s: float) -> None:
+        self.max_batch_tokens = int(max_batch_tokens)
+        self._run.set_max_batch_size(self.max_batch_tokens)
+        self._run.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this on `user_config` changes: retune batching without a redeploy."""
+        user_config = user_config or {}
+        self._retune(
+            user_config.get("max_batch_tokens", self.max_batch_tokens),
+            user_config.get("batch_wait_timeout_s", self._run._get_batch_wait_timeout_s()),
+        )
+        log.info("encoder retuned: max_batch_tokens=%s batch_wait_timeout_s=%s", self.max_batch_tokens,
+                 self._run._get_batch_wait_timeout_s())
+
+    def batch_settings(self) -> dict[str, float]:
+        return {"max_batch_tokens": self._run._get_max_batch_size(),
+                "batch_wait_timeout_s": self._run._get_batch_wait_timeout_s()}
+
+    # -- info -----------------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.embedder.config
+        return {"model": cfg.model, "dimension": self.embedder.dimension, "hidden_size": self.embedder.hidden_size,
+                "max_length": cfg.max_length, "normalize": cfg.normalize, "long_inputs": cfg.long_inputs}
+
+    def ready(self) -> bool:
+        return True
+
+    # -- encoding -------------------------------------------------------------------------------------
+
+    def _segments(self, texts: list[str], kind: Kind, instruction: str | None, truncate: bool) -> list[list]:
+        emb = self.embedder
+        if not truncate:
+            chunked = kind == "document" and emb.config.long_inputs == "chunk"
+            if not chunked:
+                pre = emb.query_prefix(instruction) if kind == "query" else emb.config.document_prefix
+                ids, _ = emb._tokenize([pre + t for t in texts])
+                for i, tok in enumerate(ids):
+                    if len(tok) > emb.content_budget:
+                        raise InputTooLong(
+                            f"input[{i}] has {len(tok) + len(emb._prefix) + len(emb._suffix)} tokens, more than "
+                            f"max_length={emb.config.max_length}; shorten it or send truncate=true"
+                        )
+        segs = emb.query_segments(texts, instruction) if kind == "query" else emb.document_segments(texts)
+        per_text: list[list] = [[] for _ in texts]
+        for seg in segs:
+            per_text[seg.source].append(dataclasses.replace(seg, source=0))
+        return per_text
+
+    def _compute(self, items: list[Item]) -> np.ndarray:
+        """(len(items), H) pooled, un-normalised vectors; multi-window items averaged as the Embedder does."""
+        emb = self.embedder
+        segments = [dataclasses.replace(s, source=i) for i, item in enumerate(items) for s in item.segments]
+        pooled = emb._pooled_segments(segments)
+        if len(segments) != len(items):
+            pooled = emb._aggregate(segments, pooled, len(items))
+        return pooled.numpy()
+
+    @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.005, max_concurrent_batches=1, batch_size_fn=batch_tokens)
+    async def _run(self, items: list[Item]) -> list[np.ndarray]:
+        pooled = await asyncio.to_thread(self._compute, items)
+        return list(pooled)
+
+    async def embed(self, texts: list[str], kind: Kind = "document", instruction: str | None = None,
+                    truncate: bool = True, dimensions: int | None = None,
+                    normalize: bool | None = None) -> EncodeResult:
+        """Vectors for `texts` as `Embedder.encode_documents`/`encode_queries` gives them.
+
+        `dimensions` (Matryoshka) keeps the first N of the model's dimensions; `normalize` overrides the config.
+        """
+        import torch
+
+        from diffembed.models.pooling import finish
+
+        cfg = self.embedder.config
+        if dimensions is not None and not 1 <= dimensions <= self.embedder.dimension:
+            raise ValueError(f"dimensions must be between 1 and {self.embedder.dimension}")
+        per_text = self._segments(list(texts), kind, instruction, truncate)
+        items = [Item(segs, min(sum(len(s.ids) for s in segs), self.max_batch_tokens)) for segs in per_text]
+        pooled = await asyncio.gather(*(self._run(item) for item in items))
+        tokens = [sum(len(s.ids) for s in segs) for segs in per_text]
+        if not pooled:
+            return EncodeResult(np.zeros((0, dimensions or self.embedder.dimension), np.float32), tokens)
+        vectors = finish(torch.from_numpy(np.stack(pooled)), dimensions or cfg.dimensions,
+                         cfg.normalize if normalize is None else normalize)
+        return EncodeResult(vectors.numpy().astype(np.float32, copy=False), tokens)
+
+
+def encoder_deployment(args) -> serve.Deployment:
+    """The Encoder deployment, sized from `ServeArgs.encoder`."""
+    enc = args.encoder
+    options: dict[str, Any] = {
+        "name": "Encoder",
+        "ray_actor_options": {"num_cpus": enc.num_cpus, "num_gpus": enc.num_gpus},
+        "max_ongoing_requests": enc.max_ongoing_requests,
+        "user_config": {"max_batch_tokens": enc.max_batch_tokens, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
+        "health_check_period_s": 10,
+    }
+    if enc.autoscaling is not None:
+        options["autoscaling_config"] = enc.autoscaling.to_serve()
+    else:
+        options["num_replicas"] = enc.num_replicas or 1
+    return serve.deployment(EncoderImpl).options(**options)

@@ -1,0 +1,290 @@
+"""The serving application end to end: a real local Ray Serve app over a collection filled by the batch job."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from diffembed.batch.config import EmbedCorpusConfig
+from diffembed.batch.pipeline import embed_corpus
+from diffembed.serving.config import ServeArgs
+
+API_KEY = "test-secret"
+EMBEDDER = {"model": "all-MiniLM-L6-v2", "max_length": 64, "chunk_overlap": 8}
+TOPICS = ["river", "mountain", "forest", "harbour", "castle", "library", "market", "garden", "bridge", "glacier"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_corpus(path):
+    docs = []
+    for i, topic in enumerate(TOPICS):
+        n = 30 if i % 3 == 0 else 2  # some documents span several windows (chunks)
+        text = " ".join(f"Document {i} talks about the {topic}, sentence {j}." for j in range(n))
+        docs.append({"id": f"doc-{i}", "text": text, "title": f"About the {topic}", "lang": "en" if i % 2 else "de"})
+    docs[4]["text"] += " The zyxovian lantern glowed in the hall."  # a rare exact term for hybrid search
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from diffembed.serving.app import app_builder
+
+    root = tmp_path_factory.mktemp("serve")
+    store = {"path": str(root / "qdrant"), "collection": "docs", "sparse": True, "upsert_batch_size": 16}
+    make_corpus(root / "corpus.jsonl")
+    embed_corpus(EmbedCorpusConfig.from_dict({
+        "embedder": EMBEDDER,
+        "input": {"paths": [str(root / "corpus.jsonl")], "title_column": "title", "metadata_columns": ["lang"]},
+        "encode": {"long_documents": "chunk", "actors": 1, "batch_size": 8},
+        "store": store,
+    }), progress=False)  # the job's store is closed when it returns: the retriever replica can open the path
+
+    args = ServeArgs.model_validate({
+        "embedder": EMBEDDER,
+        "store": store,
+        "api_key": API_KEY,
+        "encoder": {
+            "num_cpus": 0.5, "torch_threads": 1, "max_batch_tokens": 4096, "batch_wait_timeout_s": 0.005,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                            "upscale_delay_s": 1, "downscale_delay_s": 600},
+        },
+        "limits": {"max_inputs_per_request": 8, "max_chars_per_input": 5000, "max_body_bytes": 20000},
+    })
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder(args), name="diffembed", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            pytest.fail("the serving app did not become healthy in 120 s")
+        time.sleep(0.5)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from diffembed import Embedder, EmbedderConfig
+
+    return Embedder(EmbedderConfig.model_validate(EMBEDDER))
+
+
+TEXTS = ["The castle stands on the hill.", "A short one.", "word " * 200]  # the last is truncated at 64 tokens
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64"])
+def test_openai_client_matches_embedder(server, embedder, encoding_format):
+    from openai import OpenAI
+
+    oai = OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+    response = oai.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS, encoding_format=encoding_format)
+    got = np.array([d.embedding for d in response.data], dtype=np.float32) if encoding_format == "float" else None
+    if encoding_format == "base64":  # the client returns our base64 string untouched when asked for base64
+        got = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in response.data])
+    want = embedder.encode_documents(TEXTS)
+    assert [d.index for d in response.data] == [0, 1, 2]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert response.usage.prompt_tokens == sum(embedder.count_tokens(TEXTS))
+    assert response.model == "all-MiniLM-L6-v2"
+
+
+def test_openai_default_and_dimensions(server, embedder):
+    from openai import OpenAI
+
+    oai = OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+    full = embedder.encode_documents(["hello world"])[0]
+    plain = oai.embeddings.create(model="m", input="hello world")  # client default: base64, decoded by the client
+    np.testing.assert_allclose(plain.data[0].embedding, full, atol=1e-5)
+    short = np.array(oai.embeddings.create(model="m", input="hello world", dimensions=32).data[0].embedding)
+    assert short.shape == (32,)
+    np.testing.assert_allclose(short, full[:32] / np.linalg.norm(full[:32]), atol=1e-5)
+
+
+def test_embed_tei_style(client, embedder):
+    r = client.post("/embed", json={"inputs": "A short one."})
+    assert r.status_code == 200
+    np.testing.assert_allclose(r.json()[0], embedder.encode_documents(["A short one."])[0], atol=1e-5)
+    q = client.post("/embed", json={"inputs": ["castle"], "instruction": "Find a place"}).json()
+    np.testing.assert_allclose(q[0], embedder.encode_queries(["castle"], instruction="Find a place")[0], atol=1e-5)
+    raw = np.array(client.post("/embed", json={"inputs": ["castle"], "normalize": False}).json()[0])
+    assert abs(np.linalg.norm(raw) - 1) > 1e-3
+
+
+def test_truncate_false_rejects_long_input(client):
+    r = client.post("/embed", json={"inputs": ["word " * 200], "truncate": False})
+    assert r.status_code == 422 and "max_length" in r.json()["error"]["message"]
+    assert client.post("/embed", json={"inputs": ["word " * 200], "truncate": True}).status_code == 200
+
+
+def test_search_finds_indexed_document(client):
+    r = client.post("/search", json={"query": "Which document is about the glacier?", "top_k": 3})
+    assert r.status_code == 200, r.text
+    hits = r.json()["data"]
+    assert hits[0]["doc_id"] == "doc-9"
+    assert len({h["doc_id"] for h in hits}) == len(hits)  # one entry per document
+    assert {"score", "chunk_index", "char_span", "token_span", "payload"} <= set(hits[0])
+    # a filter on record metadata
+    de = client.post("/search", json={"query": "glacier", "top_k": 5, "filter": {"meta.lang": "de"}}).json()["data"]
+    assert de and all(h["payload"]["meta"]["lang"] == "de" for h in de)
+
+
+def test_hybrid_finds_rare_term(client):
+    for mode in ("hybrid", "sparse"):
+        r = client.post("/search", json={"query": "zyxovian", "top_k": 3, "mode": mode})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["doc_id"] == "doc-4", mode
+
+
+def test_auth(server, client):
+    body = {"input": "hi"}
+    assert httpx.post(f"{server}/v1/embeddings", json=body).status_code == 401
+    wrong = httpx.post(f"{server}/v1/embeddings", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    assert client.post("/v1/embeddings", json=body).status_code == 200
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "all-MiniLM-L6-v2" and models["data"][0]["dimension"] == 384
+    health = httpx.get(f"{server}/healthz")  # no key needed
+    assert health.status_code == 200 and health.json()["store"]["points"] > 0
+
+
+@pytest.mark.parametrize(
+    "route,body,status",
+    [
+        ("/v1/embeddings", {"input": []}, 422),
+        ("/v1/embeddings", {"input": ""}, 422),
+        ("/v1/embeddings", {"input": "  "}, 422),
+        ("/v1/embeddings", {"input": 5}, 422),
+        ("/v1/embeddings", {"input": [1, 2]}, 422),
+        ("/v1/embeddings", {"input": ["a", None]}, 422),
+        ("/v1/embeddings", {}, 422),
+        ("/v1/embeddings", [1, 2], 422),
+        ("/v1/embeddings", {"input": "a", "encoding_format": "int8"}, 422),
+        ("/v1/embeddings", {"input": "a", "dimensions": 10_000}, 422),
+        ("/v1/embeddings", {"input": "a", "dimensions": 0}, 422),
+        ("/v1/embeddings", {"input": ["a"] * 9}, 413),
+        ("/v1/embeddings", {"input": "x" * 6000}, 413),
+        ("/v1/embeddings", {"input": ["word"] * 5000}, 413),  # body over max_body_bytes
+        ("/embed", {"inputs": "a", "normalize": "yes"}, 422),
+        ("/search", {"query": ""}, 422),
+        ("/search", {"query": "a", "top_k": 0}, 422),
+        ("/search", {"query": "a", "mode": "fuzzy"}, 422),
+        ("/search", {"query": "a", "filter": "lang=en"}, 422),
+        ("/search", {"query": "a", "top_k": 1000}, 422),
+    ],
+)
+def test_bad_inputs_are_4xx_json(client, route, body, status):
+    r = client.post(route, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_invalid_json_and_unknown_route(client):
+    r = client.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = client.post("/v1/embeddings", content=b"\xff\xfe", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = client.get("/nope")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_reconfigure_retunes_batching(client):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Encoder", app_name="diffembed")
+    settings = handle.batch_settings.remote().result(timeout_s=30)
+    assert settings == {"max_batch_tokens": 4096, "batch_wait_timeout_s": 0.005}
+    # what a user_config change calls on every replica
+    handle.reconfigure.remote({"max_batch_tokens": 2048, "batch_wait_timeout_s": 0.001}).result(timeout_s=30)
+    assert handle.batch_settings.remote().result(timeout_s=30) == {"max_batch_tokens": 2048,
+                                                                   "batch_wait_timeout_s": 0.001}
+    assert client.post("/embed", json={"inputs": ["still works"]}).status_code == 200
+    handle.reconfigure.remote({"max_batch_tokens": 4096, "batch_wait_timeout_s": 0.005}).result(timeout_s=30)
+
+
+def running_encoders() -> int:
+    from ray import serve
+
+    status = serve.status().applications["diffembed"].deployments["Encoder"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def test_autoscaling_under_load(server):
+    """Concurrent load on the encoder: Serve goes from 1 to 2 replicas (num_cpus 0.5 each)."""
+    assert running_encoders() == 1
+    stop = threading.Event()
+    body = {"input": ["some text to embed under load, long enough to take a while " * 4] * 8}
+
+    def worker():
+        with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+            while not stop.is_set():
+                c.post("/v1/embeddings", json=body)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.time() + 60
+        while running_encoders() < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert running_encoders() == 2
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "config_gpu.yaml"])
+def test_shipped_serve_configs_validate(name, monkeypatch):
+    import yaml
+
+    from diffembed.serving.app import app_builder
+
+    monkeypatch.setenv("DIFFEMBED_API_KEY", "from-env")
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((root / "serve" / name).read_text())["applications"][0]
+    assert spec["import_path"] == "diffembed.serving.app:app_builder"
+    args = ServeArgs.model_validate(spec["args"])
+    assert args.api_key == "from-env" and args.store is not None
+    assert (args.encoder.num_gpus == 1) == (name == "config_gpu.yaml")
+    app_builder(args)  # builds the deployment graph without starting anything
+
+
+def test_group_hits_keeps_best_chunk_per_document():
+    from diffembed.index.store import Hit
+    from diffembed.serving.retriever import group_hits
+
+    def hit(doc, chunk, score):
+        return Hit(id=f"{doc}{chunk}", score=score, doc_id=doc, chunk_index=chunk, token_span=(0, 1),
+                   char_span=(0, 1), payload={})
+
+    grouped = group_hits([hit("a", 2, 0.9), hit("b", 0, 0.8), hit("a", 0, 0.7), hit("c", 1, 0.6)], top_k=2)
+    assert [(g["doc_id"], g["chunk_index"]) for g in grouped] == [("a", 2), ("b", 0)]
