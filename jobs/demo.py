@@ -4,8 +4,9 @@ Why this corpus: it is real, varied text that every machine already has, so the 
 download and no data files, yet its answers are easy to judge ("compress a file with gzip" should find
 `gzip`). One document per public function/class (docstring) and per module (module docstring) goes through
 the real job (`embed_corpus`: local Ray Data, the packaged all-MiniLM-L6-v2 on CPU, Qdrant local mode with
-BM25 sparse vectors); typed queries are then answered from Qdrant (best chunk per document). Running it again
-is idempotent: documents already in the collection are skipped.
+BM25 sparse vectors); then the Ray Serve application (encoder + retriever + HTTP ingress) starts on the same
+collection, typed queries are sent to `POST /search` over HTTP, the hits printed (best chunk per document),
+and Serve is shut down. Running it again is idempotent: documents already in the collection are skipped.
 
     .venv/bin/python jobs/demo.py "parse command line arguments" "send an email" --top-k 5 --limit 1000
 """
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=positive, default=3, help="hits per query (default: 3)")
     parser.add_argument("--limit", type=positive, default=2500, help="most documents to encode (default: 2500)")
     parser.add_argument("--workdir", default="out/demo", help="corpus file and Qdrant data (default: out/demo)")
+    parser.add_argument("--no-serve", action="store_true", help="query Qdrant in-process instead of over HTTP")
     args = parser.parse_args(argv)
     queries: list[str] = args.queries or DEFAULT_QUERIES
     try:
@@ -135,17 +137,70 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['documents_already_present']} already in Qdrant '{cfg.store.collection}' at {cfg.store.path}; "
         f"{embedder.config.model} on {embedder.device}, {embedder.dimension} dims"
     )
-    with QdrantStore(cfg.store) as store:
-        for query, vector in zip(queries, query_vectors):
-            print(f"\nquery: {query}")
-            best: dict[str, object] = {}
-            for hit in store.search(vector, query, top_k=args.top_k * 5, mode="dense"):
-                best.setdefault(hit.doc_id, hit)  # hits come best first: keep each document's best chunk
-            for rank, hit in enumerate(list(best.values())[: args.top_k], 1):
-                text = str(hit.payload.get("text") or "").removeprefix(f"{hit.doc_id}: ")
-                where = f" [chunk {hit.chunk_index}]" if hit.chunk_index else ""
-                print(f"  {rank}. {hit.score:.3f}  {hit.doc_id}:{where} {shorten(text, 90)}")
+    if args.no_serve:
+        with QdrantStore(cfg.store) as store:
+            for query, vector in zip(queries, query_vectors):
+                best: dict[str, object] = {}
+                for hit in store.search(vector, query, top_k=args.top_k * 5, mode="dense"):
+                    best.setdefault(hit.doc_id, hit)  # hits come best first: keep each document's best chunk
+                print_hits(query, [
+                    {"doc_id": h.doc_id, "score": h.score, "chunk_index": h.chunk_index, "payload": h.payload}
+                    for h in list(best.values())[: args.top_k]
+                ])
+        return 0
+    serve_and_query(cfg, queries, args.top_k)
     return 0
+
+
+def print_hits(query: str, hits: list[dict]) -> None:
+    print(f"\nquery: {query}")
+    for rank, hit in enumerate(hits, 1):
+        text = str((hit.get("payload") or {}).get("text") or "").removeprefix(f"{hit['doc_id']}: ")
+        where = f" [chunk {hit['chunk_index']}]" if hit.get("chunk_index") else ""
+        print(f"  {rank}. {hit['score']:.3f}  {hit['doc_id']}:{where} {shorten(text, 90)}")
+
+
+def serve_and_query(cfg, queries: list[str], top_k: int) -> None:
+    """Start the Serve application on the same collection, ask it over HTTP, shut it down."""
+    import json
+    import socket
+    import urllib.request
+
+    from ray import serve
+
+    from diffembed.serving.app import app_builder
+    from diffembed.serving.config import ServeArgs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = ServeArgs.from_dict({"embedder": {"model": "all-MiniLM-L6-v2"}, "store": cfg.store.model_dump(mode="json")})
+    try:
+        serve.run(app_builder(args), name="demo", route_prefix="/", blocking=False)
+        while True:  # /healthz answers 503 until encoder, retriever and Qdrant are ready
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.perf_counter() - started > 180:
+                raise RuntimeError("the Serve application did not become healthy within 180 s")
+            time.sleep(1)
+        print(f"\nRay Serve application up at {base} after {time.perf_counter() - started:.0f} s; "
+              f"asking POST /search over HTTP")
+        for query in queries:
+            request = urllib.request.Request(
+                f"{base}/search", data=json.dumps({"query": query, "top_k": top_k, "mode": "dense"}).encode(),
+                headers={"content-type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                print_hits(query, json.loads(response.read())["data"])
+    finally:
+        serve.shutdown()
 
 
 def index_corpus(corpus: list[tuple[str, str, str]], workdir: Path):

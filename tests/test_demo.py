@@ -32,6 +32,7 @@ def test_demo_finds_gzip_for_a_gzip_query(tmp_path):
     assert len(hits) == 3, result.stdout  # default --top-k
     assert any(hit == "gzip" or hit.startswith("gzip.") for hit in hits), result.stdout
     assert "300 embedded now" in lines[0]
+    assert any(line.startswith("Ray Serve application up at http://127.0.0.1:") for line in lines)  # hits over HTTP
     again = run_demo("--limit", "300", "--workdir", str(tmp_path), "compress a file with gzip")
     assert again.returncode == 0 and "0 embedded now" in again.stdout.splitlines()[0]  # idempotent rerun
 
