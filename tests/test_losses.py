@@ -176,7 +176,7 @@ def _global_batch():
 def _dist_worker(rank: int, store_path: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=30),
+        timeout=datetime.timedelta(seconds=180),  # a loaded 2-core CI box must not trip gloo's timeout
     )
     try:
         q, p, n = _global_batch()
