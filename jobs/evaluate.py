@@ -1,0 +1,44 @@
+"""Evaluate an embedder on retrieval tasks: parse the config, then one library call.
+
+    python jobs/evaluate.py --config jobs/configs/eval_cpu.yaml [key=value ...] [--json]
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/evaluate.py --config ...
+
+Writes <output_dir>/results.json and results.md and prints the table (or the JSON with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from diffembed.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Score an embedder on BEIR-layout datasets and passkey/needle.")
+    parser.add_argument("--config", required=True, help="YAML file with an EvalConfig")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for nested fields")
+    args = parser.parse_args(argv)
+    try:
+        from diffembed.eval.config import EvalConfig
+        from diffembed.eval.runner import run_evaluation
+
+        cfg = EvalConfig.from_yaml(args.config, args.overrides)
+        results = run_evaluation(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        from diffembed.eval.report import markdown_table
+
+        print(markdown_table(results))
+        print(f"results: {cfg.output_dir}/results.json, {cfg.output_dir}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

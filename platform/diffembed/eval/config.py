@@ -1,0 +1,129 @@
+"""The evaluation job's one config model: which embedder, which retrieval tasks, how documents are retrieved."""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+
+from diffembed.batch.config import EncodeConfig
+from diffembed.config import ConfigModel, EmbedderConfig
+from diffembed.index.config import StoreConfig
+
+TaskKind = Literal["beir", "passkey", "needle"]
+SYNTHETIC_KINDS = ("passkey", "needle")
+# LongEmbed's eight context lengths for the synthetic tasks, in tokens.
+LONGEMBED_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+MIN_SYNTHETIC_LENGTH = 32
+
+
+class TaskConfig(ConfigModel):
+    """One retrieval task: a BEIR-layout dataset on disk, or a LongEmbed-style synthetic task built offline."""
+
+    name: str = Field(min_length=1, description="Unique within the job; synthetic lengths report as '<name>@<length>'.")
+    kind: TaskKind
+    path: str | None = Field(None, description="beir: the dataset folder (corpus.jsonl, queries.jsonl, qrels/).")
+    split: str = Field("test", description="beir: which qrels/<split>.tsv to score.")
+    max_queries: int | None = Field(
+        None, ge=1, description="beir: score only the first N judged queries (file order), for quick runs."
+    )
+    lengths: list[int] = Field(
+        default_factory=lambda: list(LONGEMBED_LENGTHS),
+        description="passkey/needle: document lengths in tokens of the embedder's tokenizer (no special tokens).",
+    )
+    queries_per_length: int = Field(50, ge=1, description="passkey/needle: queries per length (LongEmbed: 50).")
+    documents_per_length: int = Field(
+        100, ge=1, description="passkey/needle: documents per length, one answer per query among them (LongEmbed: 100)."
+    )
+    seed: int = Field(0, description="passkey/needle: the generator's seed; same seed and tokenizer, same task.")
+    instruction: str | None = Field(
+        None, description="Query instruction for this task; None: the embedder's query_instruction."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if "@" in self.name or "/" in self.name:
+            raise ValueError(f"task name {self.name!r} may not contain '@' or '/'")
+        if self.kind == "beir":
+            if not self.path:
+                raise ValueError(f"task {self.name!r}: a beir task needs path (the dataset folder)")
+        else:
+            if self.path is not None:
+                raise ValueError(f"task {self.name!r}: path is only for beir tasks ({self.kind} is generated)")
+            if not self.lengths:
+                raise ValueError(f"task {self.name!r}: lengths is empty")
+            if len(set(self.lengths)) != len(self.lengths):
+                raise ValueError(f"task {self.name!r}: lengths has repeats")
+            if min(self.lengths) < MIN_SYNTHETIC_LENGTH:
+                raise ValueError(f"task {self.name!r}: lengths must be at least {MIN_SYNTHETIC_LENGTH} tokens")
+            if self.queries_per_length > self.documents_per_length:
+                raise ValueError(
+                    f"task {self.name!r}: queries_per_length ({self.queries_per_length}) exceeds "
+                    f"documents_per_length ({self.documents_per_length}); each query needs its own document"
+                )
+        return self
+
+    @property
+    def synthetic(self) -> bool:
+        return self.kind in SYNTHETIC_KINDS
+
+    @property
+    def primary_metric(self) -> str:
+        """LongEmbed scores passkey and needle by nDCG@1, retrieval datasets by nDCG@10."""
+        return "ndcg@1" if self.synthetic else "ndcg@10"
+
+
+class RetrievalConfig(ConfigModel):
+    """How documents are retrieved: exact in-memory search, or through Qdrant as the platform serves them."""
+
+    backend: Literal["exact", "qdrant"] = Field(
+        "exact",
+        description="exact: every document encoded in this process, brute-force scores. qdrant: the corpus goes "
+        "through the embed_corpus batch job into a collection, queries through QdrantStore.search.",
+    )
+    mode: Literal["dense", "sparse", "hybrid"] = Field(
+        "dense", description="sparse (BM25) and hybrid (dense + BM25, RRF) need backend qdrant."
+    )
+    top_k: int = Field(100, ge=10, description="Documents retrieved per query (Recall@100 needs 100).")
+    store: StoreConfig = Field(
+        default_factory=lambda: StoreConfig(collection="eval"),
+        description="backend qdrant: the server (url) or local path; one collection per task (and length) is "
+        "named '<collection>-<job name>-<task>[-<length>]'. Without url and path: <output_dir>/qdrant.",
+    )
+    encode: EncodeConfig = Field(
+        default_factory=EncodeConfig,
+        description="Long documents as in the batch job: chunk (one vector per token window, a document scores "
+        "as its best window) or truncate (one vector of its first max_length tokens). Actor settings apply "
+        "to backend qdrant.",
+    )
+    reuse_collections: bool = Field(
+        False,
+        description="backend qdrant: keep what a collection already holds (a collection holding every document "
+        "is searched as is). Only sound when model, chunking and data are unchanged; default: rebuild.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.mode != "dense" and self.backend != "qdrant":
+            raise ValueError(
+                f"retrieval.mode={self.mode} needs retrieval.backend=qdrant (the BM25 vectors live in Qdrant)"
+            )
+        return self
+
+
+class EvalConfig(ConfigModel):
+    """One evaluation job: an embedder scored on a list of retrieval tasks."""
+
+    name: str = Field("eval", min_length=1, description="Names the run in the report (and its Qdrant collections).")
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    output_dir: str = Field("runs/eval", description="results.json and results.md are written here.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        names = [t.name for t in self.tasks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"task names must be unique; repeated: {repeated}")
+        return self
