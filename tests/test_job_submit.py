@@ -1,57 +1,39 @@
-"""`ray job submit` of our jobs against a real `ray start --head` cluster (token auth left on)."""
+"""`ray job submit` of our jobs and `serve deploy` of our Serve config against a real `ray start --head` cluster.
+
+Token auth is on (its own token file); the head runs in its own process group and is stopped alone, so other
+Ray sessions on the machine (this test run's own, parallel runs) are never touched.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import shutil
 import subprocess
-import sys
-import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import yaml
+
+from ray_head import BIN, free_port, ray_head
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def head_node():
-    import ray
-
-    # `ray stop` below stops every Ray process on this machine: drop this process's own session first.
-    if ray.is_initialized():
-        ray.shutdown()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    port, dash = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=3",
-         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env, check=True, capture_output=True, timeout=120,
-    )
-    try:
-        yield env, f"http://127.0.0.1:{dash}"
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def head_node(tmp_path_factory):
+    with ray_head(tmp_path_factory.mktemp("head"), num_cpus=3) as head:
+        yield head.env, head.dashboard
 
 
-def submit(head_node, tmp_path, *entrypoint: str) -> subprocess.CompletedProcess:
+def submit(head_node, tmp_path, *entrypoint: str, env_vars: dict[str, str] | None = None,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo> -- python <entrypoint...>`; asserts the job succeeded."""
     env, address = head_node
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "DIFFEMBED_CACHE": str(tmp_path / "cache")}}
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "DIFFEMBED_CACHE": str(tmp_path / "cache"), **(env_vars or {})}}
     proc = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
          "--runtime-env-json", json.dumps(runtime_env), "--", "python", *entrypoint],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env, capture_output=True, text=True, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
@@ -65,10 +47,80 @@ def test_ray_job_submit_tiny_training(head_node, tmp_path):
     assert (export / "model.safetensors").is_file() and (export / "diffembed.json").is_file()
 
 
-def test_ray_job_submit_embed_corpus(head_node, tmp_path):
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": f"note {i} about the harbour", "title": "t"}) + "\n"
-                              for i in range(20)))
-    proc = submit(head_node, tmp_path, "jobs/embed_corpus.py", "--config", "jobs/configs/embed_cpu.yaml",
-                  f"input.paths=[{corpus}]", f"store.path={tmp_path / 'q'}", "summary_path=null")
-    assert '"documents_embedded": 20' in proc.stdout
+@pytest.fixture(scope="module")
+def embedded(head_node, tmp_path_factory):
+    """The embed job, submitted once: (its output, the local Qdrant path it filled, the documents)."""
+    tmp = tmp_path_factory.mktemp("embed")
+    docs = [{"id": f"d{i}", "text": f"note {i} about the harbour", "title": "t"} for i in range(20)]
+    docs.append({"id": "lighthouse", "text": "The lighthouse keeper trims the lamp wick every evening.", "title": "t"})
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    store = tmp / "q"
+    proc = submit(head_node, tmp, "jobs/embed_corpus.py", "--config", "jobs/configs/embed_cpu.yaml",
+                  f"input.paths=[{corpus}]", f"store.path={store}", "summary_path=null")
+    return proc, store, docs
+
+
+def test_ray_job_submit_embed_corpus(embedded):
+    proc, store, docs = embedded
+    assert f'"documents_embedded": {len(docs)}' in proc.stdout
+    assert store.is_dir()
+
+
+def serve_cli(head_node, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env, address = head_node
+    return subprocess.run([str(BIN / "serve"), *args, "--address", address], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_serve_deploy_config_on_the_cluster(head_node, embedded, minilm, tmp_path):
+    """`serve deploy` of serve/config.yaml (store and port pointed into this test) answers over HTTP."""
+    import httpx
+    import numpy as np
+
+    _, store, docs = embedded
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    port = free_port()
+    config["http_options"] = {**config["http_options"], "host": "127.0.0.1", "port": port}
+    (app,) = config["applications"]
+    app["args"]["store"]["path"] = str(store)
+    app["args"]["store"]["collection"] = "docs"  # what embed_cpu.yaml writes
+    deploy_file = tmp_path / "serve_config.yaml"
+    deploy_file.write_text(yaml.safe_dump(config))
+
+    deployed = serve_cli(head_node, "deploy", str(deploy_file))
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    try:
+        deadline, status = time.monotonic() + 240, None
+        while time.monotonic() < deadline:
+            out = serve_cli(head_node, "status")
+            status = yaml.safe_load(out.stdout) if out.returncode == 0 and out.stdout.strip() else None
+            app_status = ((status or {}).get("applications") or {}).get(app["name"], {}).get("status")
+            if app_status == "RUNNING":
+                break
+            assert app_status not in ("DEPLOY_FAILED", "UNHEALTHY"), status
+            time.sleep(2)
+        else:
+            pytest.fail(f"application not RUNNING after 240 s: {status}")
+
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:  # RUNNING means replicas are up; /healthz also waits for the encoder and Qdrant
+            health = httpx.get(f"{base}/healthz", timeout=10)
+            if health.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert health.status_code == 200, health.text
+        assert health.json()["store"]["points"] == len(docs)
+
+        texts = ["hello harbour", "a lighthouse"]
+        resp = httpx.post(f"{base}/v1/embeddings", json={"input": texts, "model": "x"}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        vectors = np.array([d["embedding"] for d in resp.json()["data"]], dtype=np.float32)
+        np.testing.assert_allclose(vectors, minilm.encode_documents(texts), atol=1e-4)
+
+        hits = httpx.post(f"{base}/search", json={"query": "who trims the lamp wick?", "top_k": 3},
+                          timeout=30).json()
+        assert hits["data"][0]["doc_id"] == "lighthouse", hits
+    finally:
+        serve_cli(head_node, "shutdown", "-y")

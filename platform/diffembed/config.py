@@ -7,11 +7,12 @@ override and a Python caller all go through one validation.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Family = Literal["dream", "llada", "qwen2", "llama", "mistral", "bert"]
 Attention = Literal["bidirectional", "causal"]
@@ -83,6 +84,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = value
     return data
+
+
+# Resources Ray schedules by their own option (num_cpus, num_gpus, memory): never in a custom-resource map.
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _check_custom_resources(value: dict[str, float]) -> dict[str, float]:
+    for name, amount in value.items():
+        if not name.strip():
+            raise ValueError("a custom resource name is empty")
+        if name in BUILTIN_RESOURCES:
+            raise ValueError(f"{name!r} is not a custom resource; set it with its own field (CPUs / GPUs)")
+        if not (math.isfinite(amount) and amount > 0):
+            raise ValueError(f"custom resource {name!r} must be a positive number, got {amount}")
+        if round(amount * 10_000) == 0:
+            raise ValueError(f"custom resource {name!r}: Ray's precision is 0.0001, got {amount}")
+    return value
+
+
+# Extra Ray resources a worker / actor / replica requests, e.g. {"train_node": 1} to land on the node pool
+# that advertises it (see cluster.yaml). Empty: schedule anywhere with enough CPUs / GPUs.
+CustomResources = Annotated[dict[str, float], AfterValidator(_check_custom_resources)]
+
+
+def ray_bundle(num_cpus: float = 0, num_gpus: float = 0, resources: dict[str, float] | None = None) -> dict[str, float]:
+    """One scheduling request as Ray's resource dict ({"CPU": .., "GPU": .., custom...}), zero amounts left out."""
+    bundle = {"CPU": float(num_cpus), "GPU": float(num_gpus), **{k: float(v) for k, v in (resources or {}).items()}}
+    return {k: v for k, v in bundle.items() if v}
 
 
 class EmbedderConfig(ConfigModel):

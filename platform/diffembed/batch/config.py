@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
-from diffembed.config import ConfigModel, EmbedderConfig
+from diffembed.config import ConfigModel, CustomResources, EmbedderConfig
 from diffembed.index.config import StoreConfig
 
 
@@ -26,10 +26,23 @@ class EncodeConfig(ConfigModel):
     actors: int = Field(1, ge=1, description="Encoder actors (one model load each); one per GPU on a cluster.")
     num_gpus_per_actor: float = Field(0, ge=0)
     cpus_per_actor: float = Field(1, gt=0)
+    resources_per_actor: CustomResources = Field(
+        default_factory=dict,
+        description="Extra Ray resources per actor, e.g. {inference_node: 1} for cluster.yaml's inference pool.",
+    )
     batch_size: int = Field(32, ge=1, description="Documents per actor call (the Embedder then batches by tokens).")
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads per actor on CPU. Default: the node's cores / actors."
     )
+
+    def ray_remote_args(self) -> dict[str, Any]:
+        """The resource options every encoder actor is started with (Ray Data's `map_batches` remote args)."""
+        args: dict[str, Any] = {"num_cpus": self.cpus_per_actor}
+        if self.num_gpus_per_actor:
+            args["num_gpus"] = self.num_gpus_per_actor
+        if self.resources_per_actor:
+            args["resources"] = dict(self.resources_per_actor)
+        return args
 
 
 class EmbedCorpusConfig(ConfigModel):

@@ -124,8 +124,7 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
             },
             compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors),
             batch_size=cfg.encode.batch_size,
-            num_gpus=cfg.encode.num_gpus_per_actor or None,
-            num_cpus=cfg.encode.cpus_per_actor,
+            **cfg.encode.ray_remote_args(),  # num_cpus, num_gpus, custom resources
             batch_format="numpy",
         )
         docs, chunks, tokens = set(), 0, 0

@@ -7,7 +7,7 @@ from typing import Any, Self
 
 from pydantic import Field, model_validator
 
-from diffembed.config import ConfigModel, EmbedderConfig
+from diffembed.config import ConfigModel, CustomResources, EmbedderConfig
 from diffembed.index.config import StoreConfig
 
 
@@ -43,8 +43,19 @@ class EncoderArgs(ConfigModel):
     autoscaling: AutoscalingArgs | None = None
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
+    resources: CustomResources = Field(
+        default_factory=dict,
+        description="Extra Ray resources per replica, e.g. {inference_node: 1} for cluster.yaml's inference pool.",
+    )
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per replica. Default: max(1, num_cpus).")
     max_ongoing_requests: int = Field(64, ge=1)
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        """The resources every encoder replica is started with (Serve's `ray_actor_options`)."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
 
 
 class LimitsArgs(ConfigModel):

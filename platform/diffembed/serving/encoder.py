@@ -164,7 +164,7 @@ def encoder_deployment(args) -> serve.Deployment:
     enc = args.encoder
     options: dict[str, Any] = {
         "name": "Encoder",
-        "ray_actor_options": {"num_cpus": enc.num_cpus, "num_gpus": enc.num_gpus},
+        "ray_actor_options": enc.ray_actor_options(),
         "max_ongoing_requests": enc.max_ongoing_requests,
         "user_config": {"max_batch_tokens": enc.max_batch_tokens, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
         "health_check_period_s": 10,

@@ -11,7 +11,7 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from diffembed.config import ConfigModel, EmbedderConfig
+from diffembed.config import ConfigModel, CustomResources, EmbedderConfig, ray_bundle
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -66,6 +66,10 @@ class RunConfig(ConfigModel):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: CustomResources = Field(
+        default_factory=dict,
+        description="Extra Ray resources per worker, e.g. {train_node: 1} to run on cluster.yaml's training pool.",
+    )
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
@@ -103,6 +107,10 @@ class TrainConfig(ConfigModel):
         if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_params needs zero_stage 3")
         return self
+
+    def worker_resources(self) -> dict[str, float]:
+        """What each Ray Train worker requests (one placement-group bundle per worker): CPUs, 1 GPU, custom."""
+        return ray_bundle(self.run.cpus_per_worker, 1 if self.run.use_gpu else 0, self.run.resources_per_worker)
 
     @property
     def per_worker_batch_size(self) -> int:

@@ -253,6 +253,15 @@ def latest_checkpoint(run_dir: Path) -> str:
     return str(candidates[-1].resolve())
 
 
+def scaling_config(cfg: TrainConfig):
+    """Ray Train's ScalingConfig: `run.num_workers` workers, each one bundle of `cfg.worker_resources()`."""
+    import ray.train
+
+    return ray.train.ScalingConfig(
+        num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=cfg.worker_resources()
+    )
+
+
 def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Run the training job on the current Ray cluster; returns final metrics and the export path."""
     import ray
@@ -282,11 +291,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
             "resume_from": latest_checkpoint(Path(resume)) if resume else None,
             "dev": ray.put(dev) if dev and cfg.eval.every else None,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.run.num_workers,
-            use_gpu=cfg.run.use_gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})},
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=storage,
