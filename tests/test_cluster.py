@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 TRAIN_CONFIGS = sorted(ROOT.glob("jobs/configs/train_*.yaml"))
 EMBED_CONFIGS = sorted(ROOT.glob("jobs/configs/embed_*.yaml"))
+EVAL_CONFIGS = sorted(ROOT.glob("jobs/configs/eval_*.yaml"))
+COMPARE_CONFIGS = sorted(ROOT.glob("jobs/configs/compare_*.yaml"))
 SERVE_CONFIGS = [ROOT / "serve" / "config.yaml", ROOT / "serve" / "config_gpu.yaml"]
 KUBERAY_MANIFESTS = [ROOT / "jobs" / "kuberay" / "rayjob_train.yaml", ROOT / "jobs" / "kuberay" / "rayjob_embed.yaml",
                      ROOT / "serve" / "rayservice.yaml"]
@@ -103,6 +105,35 @@ def embed_requests(path: Path, overrides: list[str] | None = None) -> list[Reque
 
     cfg = EmbedCorpusConfig.from_yaml(path, overrides)
     return [Request(f"{path.name}: encoder actor", as_bundle(cfg.encode.ray_remote_args()), cfg.encode.actors)]
+
+
+def evaluation_requests(cfg, label: str) -> list[Request]:
+    """The evaluation's own task (when it asks for a GPU / pool) and, with the Qdrant backend, the batch job's actors."""
+    reqs = [Request(f"{label}: evaluation task", cfg.compute.bundle())] if cfg.compute.remote else []
+    if cfg.retrieval.backend == "qdrant":
+        enc = cfg.retrieval.encode
+        reqs.append(Request(f"{label}: encoder actor", as_bundle(enc.ray_remote_args()), enc.actors))
+    return reqs
+
+
+def eval_requests(path: Path) -> list[Request]:
+    from diffembed.eval.config import EvalConfig
+
+    return evaluation_requests(EvalConfig.from_yaml(path), path.name)
+
+
+def compare_requests(path: Path) -> list[Request]:
+    """Each backbone's training gang (its own overrides applied) and its evaluation."""
+    from diffembed.eval.compare import CompareConfig
+
+    cfg = CompareConfig.from_yaml(path)
+    reqs = []
+    for b in cfg.backbones:
+        train = cfg.train_config(b)
+        reqs.append(Request(f"{path.name}:{b.name}: Ray Train worker", train.worker_resources(), train.run.num_workers,
+                            same_node=True))
+        reqs += evaluation_requests(cfg.eval_config(b, "/export"), f"{path.name}:{b.name}")
+    return reqs
 
 
 def serve_requests(app: dict, label: str) -> list[Request]:
@@ -192,7 +223,9 @@ def test_every_config_request_fits_the_cluster(node_types):
     requests = [r for p in TRAIN_CONFIGS for r in train_requests(p)]
     requests += [r for p in EMBED_CONFIGS for r in embed_requests(p)]
     requests += [r for p in SERVE_CONFIGS for r in serve_file_requests(p)]
-    assert len(requests) >= 3 + 2 + 5
+    requests += [r for p in EVAL_CONFIGS for r in eval_requests(p)]
+    requests += [r for p in COMPARE_CONFIGS for r in compare_requests(p)]
+    assert len(requests) >= 3 + 2 + 5 + 1 + 6
     assert placement_problems(requests, node_types) == []
 
 
@@ -205,6 +238,17 @@ def test_gpu_training_gang_fits_one_8gpu_node_with_room_left(path, node_types):
     assert node["GPU"] == req.count * req.bundle["GPU"]
     # CPUs left on the node after the 8 workers: Ray Data reading the training set, the driver, the controller
     assert node["CPU"] - req.count * req.bundle["CPU"] >= 8
+
+
+def test_gpu_evaluations_run_in_the_inference_pool(node_types):
+    reqs = eval_requests(ROOT / "jobs/configs/eval_longembed_dream.yaml")
+    reqs += [r for r in compare_requests(ROOT / "jobs/configs/compare_7b.yaml") if "evaluation" in r.what]
+    assert len(reqs) == 4
+    for req in reqs:
+        assert req.bundle.get("GPU") == 1 and fitting_types(req, node_types) == ["gpu_infer"], req
+    for req in compare_requests(ROOT / "jobs/configs/compare_7b.yaml"):
+        if "Train" in req.what:
+            assert fitting_types(req, node_types) == ["gpu_train"], req
 
 
 @pytest.mark.parametrize("path, pool", [

@@ -30,18 +30,23 @@ def test_compare_job_end_to_end(ray_cluster, tmp_path):
     out = tmp_path / "study"
     names = [b.name for b in cfg.backbones]
 
-    # One table: a row per backbone, a column per task (averaged) and per synthetic length, all scores in [0, 1].
+    # One table: a row per task (each synthetic length, then the task's average), a column per backbone.
     with open(out / "compare.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["backbone"] for r in rows] == names
-    columns = [c for c in rows[0] if c != "backbone"]
-    assert "passkey (ndcg@1)" in columns and "needle@256 (ndcg@1)" in columns and "passkey@128 (ndcg@1)" in columns
-    assert all(0.0 <= float(r[c]) <= 1.0 for r in rows for c in columns)
-    md = (out / "compare.md").read_text().splitlines()
-    assert md[0].startswith("| backbone | ") and len(md) == 2 + len(names)
+    assert list(rows[0]) == ["task", "metric", *names]
+    tasks = [r["task"] for r in rows]
+    assert tasks == ["passkey@128", "passkey@256", "passkey", "needle@128", "needle@256", "needle"]
+    assert all(r["metric"] == "ndcg@1" for r in rows)
+    assert all(0.0 <= float(r[n]) <= 1.0 for r in rows for n in names)
+    for r in rows:  # a task's score is the mean over its lengths
+        if "@" not in r["task"]:
+            parts = [x for x in rows if x["task"].startswith(r["task"] + "@")]
+            assert float(r[names[0]]) == pytest.approx(sum(float(x[names[0]]) for x in parts) / len(parts))
+    md = (out / "compare.md").read_text()
+    assert "| task | metric | " + " | ".join(names) + " |" in md and md.count("\n| passkey") == 3
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert summary["table"][names[0]]["passkey (ndcg@1)"] == pytest.approx(float(rows[0]["passkey (ndcg@1)"]), abs=1e-4)
+    assert summary["table"]["passkey"][names[0]] == pytest.approx(float(rows[2][names[0]]))
 
     # Each backbone really went through the training job with its own settings, and the evaluation used the export.
     for b in cfg.backbones:
@@ -57,6 +62,12 @@ def test_compare_job_end_to_end(ray_cluster, tmp_path):
     again = run_compare(cfg)
     assert {b.name: (out / b.name / "results.json").stat().st_mtime_ns for b in cfg.backbones} == before
     assert again["table"] == summary["table"]
+    # A backbone whose evaluation never finished (no marker) is redone; the others are not.
+    (out / names[1] / ".done").unlink()
+    run_compare(cfg.model_copy(update={"fine_tune": False}))
+    assert (out / names[1] / "results.json").stat().st_mtime_ns != before[names[1]]
+    assert (out / names[0] / "results.json").stat().st_mtime_ns == before[names[0]]
+    assert json.loads((out / names[1] / "results.json").read_text())["model"] == "tiny:qwen2"
 
 
 def test_backbone_settings_reach_training_and_evaluation(tmp_path):

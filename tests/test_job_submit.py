@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
-    with ray_head(tmp_path_factory.mktemp("head"), num_cpus=3) as head:
+    # `inference_node` stands in for cluster.yaml's inference pool (the evaluation job asks for it).
+    with ray_head(tmp_path_factory.mktemp("head"), num_cpus=3, extra_args=['--resources={"inference_node": 1}']) as head:
         yield head.env, head.dashboard
 
 
@@ -45,6 +46,17 @@ def test_ray_job_submit_tiny_training(head_node, tmp_path):
            f"run.storage_path={tmp_path / 'runs'}", "optim.max_steps=4", "run.checkpoint_every=2")
     export = tmp_path / "runs" / "train-tiny" / "export"
     assert (export / "model.safetensors").is_file() and (export / "diffembed.json").is_file()
+
+
+def test_ray_job_submit_evaluation(head_node, tmp_path):
+    out = tmp_path / "eval"
+    proc = submit(head_node, tmp_path, "jobs/evaluate.py", "--config", "jobs/configs/eval_cpu.yaml",
+                  f"output_dir={out}", "tasks=[{name: beir_sample, kind: beir, path: jobs/configs/data/beir_sample}]",
+                  "compute.resources={inference_node: 1}")
+    results = json.loads((out / "results.json").read_text())
+    assert results["compute"] == {"ray_task": True, "CPU": 1.0, "inference_node": 1.0}  # ran in the pool's task
+    assert results["tasks"]["beir_sample"]["ndcg@10"] > 0.8
+    assert "| beir_sample |" in proc.stdout
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,16 @@ backbone does not retrain the first two.
 from __future__ import annotations
 
 import csv
-import json
-import re
 from pathlib import Path
 from typing import Any, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from diffembed.config import ConfigError, ConfigModel, EmbedderConfig, apply_overrides
+from diffembed.config import ConfigError, ConfigModel, apply_overrides
 from diffembed.eval.config import EvalConfig
 from diffembed.train.config import TrainConfig
 
-RESULTS = "results.json"
+DONE = ".done"  # written after results.json: a backbone with it is finished
 
 
 class Backbone(ConfigModel):
@@ -109,17 +107,18 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Train (unless `fine_tune` is off) and evaluate every backbone; write the table and the plot."""
+    from diffembed.eval.report import load_results, write_results
     from diffembed.eval.runner import run_evaluation
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for backbone in cfg.backbones:  # fail on a bad backbone before hours of training go into the others
         cfg.train_config(backbone)
-    rows: dict[str, dict[str, Any]] = {}
+    runs: dict[str, dict[str, Any]] = {}
     for backbone in cfg.backbones:
-        done = out / backbone.name / RESULTS
+        done = out / backbone.name / DONE
         if done.is_file() and not cfg.rerun:
-            rows[backbone.name] = json.loads(done.read_text())
+            runs[backbone.name] = load_results(out / backbone.name)
             continue
         model = backbone.embedder["model"]
         training: dict[str, Any] = {}
@@ -130,75 +129,63 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
             model = training["export_dir"]
         results = run_evaluation(cfg.eval_config(backbone, model))
         results["training"] = {k: v for k, v in training.items() if isinstance(v, (int, float, str))}
-        done.write_text(json.dumps(results, indent=2, default=str))  # last: marks the backbone finished
-        rows[backbone.name] = results
-    table = score_table(rows)
-    paths = write_table(table, out), plot_table(table, out / "compare.png", title=cfg.name)
-    return {"name": cfg.name, "table": table, "markdown": str(paths[0][0]), "csv": str(paths[0][1]),
-            "plot": str(paths[1])}
+        write_results(results, out / backbone.name)
+        done.touch()  # last: marks the backbone finished
+        runs[backbone.name] = results
+    table = score_table(runs)
+    md, csv_path = write_table(runs, out, title=cfg.name)
+    plot = plot_table(table, out / "compare.png", title=cfg.name)
+    return {"name": cfg.name, "table": table, "markdown": str(md), "csv": str(csv_path), "plot": str(plot)}
 
 
-def score_table(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """backbone -> "task (metric)" -> score, from each backbone's evaluation results (primary metric per task)."""
+def score_table(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """task -> backbone -> primary score, tasks in first-seen order (a synthetic task's average, then lengths)."""
     table: dict[str, dict[str, float]] = {}
-    for backbone, results in rows.items():
-        cells = {}
-        for task, (metric, value) in results["primary"].items():
-            cells[f"{task} ({metric})"] = float(value)
-        table[backbone] = cells
+    for backbone, results in runs.items():
+        for task, (_, value) in results["primary"].items():
+            table.setdefault(task, {})[backbone] = float(value)
     return table
 
 
-def _columns(table: dict[str, dict[str, float]]) -> list[str]:
-    columns: list[str] = []
-    for cells in table.values():
-        columns += [c for c in cells if c not in columns]
-    # Synthetic lengths in numeric order after their task's average ("passkey@256" < "passkey@1024").
-    return sorted(columns, key=lambda c: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", c)])
+def write_table(runs: dict[str, dict[str, Any]], out: Path, title: str) -> tuple[Path, Path]:
+    """compare.md (scores in percent, one row per task) and compare.csv (the same as fractions)."""
+    from diffembed.eval.report import comparison_table
 
-
-def write_table(table: dict[str, dict[str, float]], out: Path) -> tuple[Path, Path]:
-    columns = _columns(table)
-    md = ["| backbone | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for backbone, cells in table.items():
-        md.append(f"| {backbone} | " + " | ".join(_fmt(cells.get(c)) for c in columns) + " |")
+    labels = list(runs)
     md_path, csv_path = out / "compare.md", out / "compare.csv"
-    md_path.write_text("\n".join(md) + "\n")
+    md_path.write_text(f"# {title}\n\n" + comparison_table(list(runs.values()), labels) + "\n")
+    metrics = {task: metric for r in runs.values() for task, (metric, _) in r["primary"].items()}
+    table = score_table(runs)
     with csv_path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["backbone", *columns])
-        for backbone, cells in table.items():
-            writer.writerow([backbone, *(cells.get(c, "") for c in columns)])
+        writer.writerow(["task", "metric", *labels])
+        for task, cells in table.items():
+            writer.writerow([task, metrics[task], *(cells.get(b, "") for b in labels)])
     return md_path, csv_path
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
-
-
 def plot_table(table: dict[str, dict[str, float]], path: Path, title: str) -> Path:
-    """Grouped bars: one group per task column, one bar per backbone."""
+    """Grouped bars: one group per task (and synthetic length), one bar per backbone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    columns = _columns(table)
-    backbones = list(table)
+    tasks = list(table)
+    backbones = list(dict.fromkeys(b for cells in table.values() for b in cells))
     width = 0.8 / max(len(backbones), 1)
-    x = np.arange(len(columns))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(columns) + 2), 4.5))
+    x = np.arange(len(tasks))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(tasks) + 2), 4.5))
     for i, backbone in enumerate(backbones):
-        values = [table[backbone].get(c, np.nan) for c in columns]
+        values = [table[t].get(backbone, np.nan) for t in tasks]
         ax.bar(x + (i - (len(backbones) - 1) / 2) * width, values, width, label=backbone)
-    ax.set_xticks(x, columns, rotation=35, ha="right", fontsize=8)
+    ax.set_xticks(x, tasks, rotation=35, ha="right", fontsize=8)
     ax.set_ylim(0, 1.0)
-    ax.set_ylabel("score")
+    ax.set_ylabel("primary score (nDCG@10; nDCG@1 for passkey/needle)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-

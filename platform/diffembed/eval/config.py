@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
 from diffembed.batch.config import EncodeConfig
-from diffembed.config import ConfigModel, EmbedderConfig
+from diffembed.config import ConfigModel, CustomResources, EmbedderConfig, ray_bundle
 from diffembed.index.config import StoreConfig
 
 TaskKind = Literal["beir", "passkey", "needle"]
@@ -111,6 +111,26 @@ class RetrievalConfig(ConfigModel):
         return self
 
 
+class ComputeConfig(ConfigModel):
+    """Where the evaluation's own encoding runs. On a cluster the job's driver sits on the CPU head node, so
+    asking for a GPU (or a custom resource such as cluster.yaml's `inference_node`) runs the whole evaluation
+    as one Ray task on a node that has it; with neither it runs in the driver's process."""
+
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    resources: CustomResources = Field(default_factory=dict)
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.num_gpus or self.resources)
+
+    def ray_remote_args(self) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
+
+    def bundle(self) -> dict[str, float]:
+        return ray_bundle(self.num_cpus, self.num_gpus, self.resources)
+
+
 class EvalConfig(ConfigModel):
     """One evaluation job: an embedder scored on a list of retrieval tasks."""
 
@@ -119,6 +139,7 @@ class EvalConfig(ConfigModel):
     tasks: list[TaskConfig] = Field(min_length=1)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     output_dir: str = Field("runs/eval", description="results.json and results.md are written here.")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -187,10 +187,27 @@ def run_evaluation(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
 
     `tasks` holds one entry per BEIR task, and for a synthetic task one per length ('passkey@256') plus
     the task's own entry averaged over its lengths; `primary` names each entry's headline metric
-    (nDCG@10 for BEIR, nDCG@1 for passkey/needle) with its value.
+    (nDCG@10 for BEIR, nDCG@1 for passkey/needle) with its value. With `compute.num_gpus` or
+    `compute.resources` set, the work runs as one Ray task on a node that has them (a GPU worker rather than
+    the CPU head node a submitted job's driver runs on); the results come back and are written here too.
     """
+    load_tasks(cfg)  # ConfigError on bad data, before any model loads or any node is asked for
+    if not cfg.compute.remote:
+        return _evaluate_here(cfg, progress)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    task = ray.remote(max_retries=0, **cfg.compute.ray_remote_args())(_evaluate_here)
+    results = ray.get(task.remote(cfg, progress))
+    results["compute"] = {"ray_task": True, **cfg.compute.bundle()}
+    write_results(results, cfg.output_dir)
+    return results
+
+
+def _evaluate_here(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
-    beir = load_tasks(cfg)  # ConfigError on bad data, before the model loads
+    beir = load_tasks(cfg)
 
     from diffembed.models.embedder import Embedder
 
