@@ -16,6 +16,7 @@ from typing import Any
 
 from diffembed.batch.config import InputConfig
 from diffembed.config import ConfigError
+from diffembed.jsonl import decode_lines, json_lines
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -74,13 +75,11 @@ def check_columns(cfg: InputConfig, fmt: str, files: list[str]) -> None:
     else:
         columns = set()
         with _open(first) as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        columns = set(json.loads(line))
-                    except (json.JSONDecodeError, TypeError) as exc:
-                        raise CorpusError(f"{first}:{number}: malformed JSON line ({exc})") from None
-                    break
+            for number, record in json_lines(f):
+                if isinstance(record, ValueError):
+                    raise CorpusError(f"{first}:{number}: {record}")
+                columns = set(record) if isinstance(record, dict) else set()
+                break
     wanted = [cfg.text_column, *([cfg.title_column] if cfg.title_column else []), *cfg.metadata_columns]
     missing = [c for c in wanted if c not in columns]
     if missing:
@@ -152,13 +151,9 @@ def _text_row(row: dict[str, Any], cfg: InputConfig, root: str) -> dict[str, Any
 def _jsonl_rows(row: dict[str, Any], cfg: InputConfig) -> list[dict[str, Any]]:
     path = row["path"]
     out = []
-    for number, line in enumerate(row["bytes"].decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CorpusError(f"{path}:{number}: malformed JSON line ({exc.msg})") from None
+    for number, record in json_lines(decode_lines(row["bytes"])):
+        if isinstance(record, ValueError):
+            raise CorpusError(f"{path}:{number}: {record}")
         if not isinstance(record, dict):
             record = {}
         out.append(normalize(record, cfg, f"{path}:{number}"))

@@ -8,12 +8,12 @@ malformed is a `ConfigError` naming the file (and line).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diffembed.config import ConfigError
+from diffembed.jsonl import json_lines
 
 
 @dataclass
@@ -32,13 +32,9 @@ def _jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
         raise ConfigError(f"{what} file not found: {path}")
     rows = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number}: malformed JSON line ({exc.msg})") from None
+        for number, row in json_lines(f):
+            if isinstance(row, ValueError):
+                raise ConfigError(f"{path}:{number}: {row}")
             if not isinstance(row, dict):
                 raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             if row.get("_id") in (None, ""):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from diffembed.config import ConfigError
+from diffembed.jsonl import decode_lines, json_lines
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,7 @@ def _parse(data: bytes, kind: str) -> Iterator[tuple[int, Any]]:
 
         yield from enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1)
         return
-    for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield i, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield i, ValueError(f"malformed JSON ({exc.msg})")
+    yield from json_lines(decode_lines(data))
 
 
 def _rows(path: str, fmt: str) -> Iterator[tuple[int, Any]]:

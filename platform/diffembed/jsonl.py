@@ -1,0 +1,23 @@
+"""JSON Lines read with their line numbers, so every reader reports a bad line as `file:line`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Iterator
+
+
+def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """(line number from 1, parsed value) for every non-blank line; a line that is not JSON yields a
+    `ValueError("malformed JSON line (...)")` in place of the value, so the caller decides: skip, count or fail."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield number, ValueError(f"malformed JSON line ({exc.msg})")
+
+
+def decode_lines(data: bytes) -> list[str]:
+    """A file's bytes as text lines (undecodable bytes replaced, so the bad line is still reported by number)."""
+    return data.decode("utf-8", errors="replace").splitlines()
