@@ -31,11 +31,18 @@ def submit(head_node, tmp_path, *entrypoint: str, env_vars: dict[str, str] | Non
     """`ray job submit --working-dir <repo> -- python <entrypoint...>`; asserts the job succeeded."""
     env, address = head_node
     runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "DIFFEMBED_CACHE": str(tmp_path / "cache"), **(env_vars or {})}}
-    proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-         "--runtime-env-json", json.dumps(runtime_env), "--", "python", *entrypoint],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    deadline = time.monotonic() + 90
+    while True:
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps(runtime_env), "--", "python", *entrypoint],
+            env=env, capture_output=True, text=True, timeout=timeout,
+        )
+        # A head that has just started may not have registered its job agent yet: Ray answers 500 and says
+        # to try again (nothing was submitted), as a user's retry would.
+        if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
     return proc
