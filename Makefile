@@ -27,6 +27,7 @@ demo: install
 bench: install
 	$(PY) bench/encode_throughput.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/eval_throughput.py
 
 # Refresh the lock after changing dependencies in pyproject.toml.
 lock: install
