@@ -87,8 +87,13 @@ def ray_head(work: Path, num_cpus: int = 2, port: int | None = None, extra_args:
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     log_path = work / "head.log"
     log = open(log_path, "w")
+    # Every port of its own: Ray's defaults (agent 52365, client server 10001, ...) are already taken when this
+    # test run's in-process Ray session is up, and a head whose job agent cannot bind never accepts a job.
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
-           "--disable-usage-stats", f"--temp-dir={temp_dir}", *extra_args]
+           "--disable-usage-stats", f"--temp-dir={temp_dir}", *ports, *extra_args]
     cmd += ["--include-dashboard=true", f"--dashboard-port={dash}"] if dashboard else ["--include-dashboard=false"]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
