@@ -35,16 +35,7 @@ class ConfigModel(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Self:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-        return cls.from_dict(data, overrides, source=str(path))
+        return cls.from_dict(read_yaml_mapping(path), overrides, source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Self:
@@ -53,6 +44,20 @@ class ConfigModel(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(f"{source}: {one_line(exc)}") from exc
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; anything else is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
 
 
 def one_line(exc: ValidationError) -> str:

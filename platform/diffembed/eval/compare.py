@@ -15,7 +15,7 @@ from typing import Any, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from diffembed.config import ConfigError, ConfigModel, apply_overrides
+from diffembed.config import ConfigError, ConfigModel, apply_overrides, read_yaml_mapping
 from diffembed.eval.config import EvalConfig
 from diffembed.train.config import TrainConfig
 
@@ -57,7 +57,10 @@ class CompareConfig(ConfigModel):
         data = apply_overrides(dict(data), [o for o in overrides if o.partition("=")[0] in sections])
         for key in sections:
             if isinstance(data.get(key), str):
-                data[key] = _read_yaml(Path(data[key]), f"{source}: {key}")
+                try:
+                    data[key] = read_yaml_mapping(data[key])
+                except ConfigError as exc:
+                    raise ConfigError(f"{source}: {key}: {exc}") from None
         return super().from_dict(data, [o for o in overrides if o.partition("=")[0] not in sections], source)
 
     @model_validator(mode="after")
@@ -89,20 +92,6 @@ class CompareConfig(ConfigModel):
         data["name"] = backbone.name
         data["output_dir"] = str(Path(self.output_dir) / backbone.name)
         return EvalConfig.from_dict(data, source=f"evaluation of {backbone.name}")
-
-
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        raise ConfigError(f"{what}: config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what}: {path} is not valid YAML ({exc.__class__.__name__})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what}: {path} must hold a mapping")
-    return data
 
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
