@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from diffembed.config import ConfigError
-from diffembed.train.data import expand_files, load_pairs, plan_batches
+from diffembed.files import expand_files
+from diffembed.train.data import load_pairs, plan_batches
 from diffembed.train.deepspeed import deepspeed_config
 from diffembed.train.config import TrainConfig
 

@@ -7,7 +7,6 @@ instead of dropping them silently.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ from typing import Any
 
 from diffembed.batch.config import InputConfig
 from diffembed.config import ConfigError
-from diffembed.jsonl import decode_lines, json_lines
+from diffembed.files import decode_lines, expand_files, json_lines
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -39,10 +38,7 @@ def expand_inputs(cfg: InputConfig) -> tuple[str, list[str]]:
                 raise ConfigError(f"input folder {path} holds no .txt or .md files")
             files.extend(found)
             continue
-        matches = sorted(glob.glob(str(path)))
-        if not matches:
-            raise ConfigError(f"input not found: nothing matches {pattern!r}")
-        files.extend(matches)
+        files.extend(expand_files([pattern], "input.paths"))
     fmt = cfg.format
     if fmt == "auto":
         kinds = {_kind(f) for f in files}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from diffembed.config import ConfigError
-from diffembed.jsonl import json_lines
+from diffembed.files import json_lines
 
 
 @dataclass

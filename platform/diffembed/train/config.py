@@ -118,7 +118,7 @@ class TrainConfig(ConfigModel):
 
     def check_files(self) -> None:
         """Fail before Ray starts when an input file is missing."""
-        from diffembed.train.data import expand_files
+        from diffembed.files import expand_files
 
         expand_files(self.data.train_files, "data.train_files")
         if self.eval.dev_files:

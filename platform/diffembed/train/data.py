@@ -7,16 +7,14 @@ global batch comes from one source dataset (the paper's recipe).
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import random
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 from diffembed.config import ConfigError
-from diffembed.jsonl import decode_lines, json_lines
+from diffembed.files import decode_lines, json_lines
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +37,6 @@ class BadRows:
         self.count += 1
         if len(self.examples) < 20:
             self.examples.append(f"{where}: {reason}")
-
-
-def expand_files(patterns: list[str], what: str) -> list[str]:
-    files: list[str] = []
-    for pattern in patterns:
-        if "://" in pattern:  # remote URIs are checked by the reader
-            files.append(pattern)
-            continue
-        matches = sorted(glob.glob(str(Path(pattern).expanduser())))
-        if not matches:
-            raise ConfigError(f"{what}: no file matches {pattern!r}")
-        files.extend(matches)
-    if not files:
-        raise ConfigError(f"{what}: no input files given")
-    return files
 
 
 def _kind(path: str, fmt: str) -> str:

@@ -232,7 +232,8 @@ def _report(engine, metrics: dict[str, Any], save: bool, attempt: int, rank: int
 
 
 def build_plan(cfg: TrainConfig) -> list[list[dict]]:
-    from diffembed.train.data import expand_files, plan_batches, read_pairs
+    from diffembed.files import expand_files
+    from diffembed.train.data import plan_batches, read_pairs
 
     files = expand_files(cfg.data.train_files, "data.train_files")
     pairs, bad = read_pairs(files, cfg.data.format, cfg.data.hard_negatives, cfg.data.bad_rows)
@@ -315,7 +316,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
 
 
 def _dev_pairs(cfg: TrainConfig):
-    from diffembed.train.data import expand_files, load_pairs
+    from diffembed.files import expand_files
+    from diffembed.train.data import load_pairs
 
     if not cfg.eval.dev_files:
         return []

@@ -1,9 +1,30 @@
-"""JSON Lines read with their line numbers, so every reader reports a bad line as `file:line`."""
+"""Input files shared by every job: local globs expanded and checked before anything starts, and JSON Lines
+read with their line numbers, so every reader reports a bad line as `file:line`."""
 
 from __future__ import annotations
 
+import glob
 import json
+from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from diffembed.config import ConfigError
+
+
+def expand_files(patterns: list[str], what: str) -> list[str]:
+    """Local globs expanded (sorted, each must match); remote URIs (`s3://…`) are left for their reader."""
+    files: list[str] = []
+    for pattern in patterns:
+        if "://" in pattern:
+            files.append(pattern)
+            continue
+        matches = sorted(glob.glob(str(Path(pattern).expanduser())))
+        if not matches:
+            raise ConfigError(f"{what}: no file matches {pattern!r}")
+        files.extend(matches)
+    if not files:
+        raise ConfigError(f"{what}: no input files given")
+    return files
 
 
 def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
