@@ -187,6 +187,25 @@ def test_int8_quantization_and_on_disk(tmp_path):
         assert store.search(recs[2].vector, None, top_k=1)[0].chunk_index == 2
 
 
+def test_cluster_layout_reaches_create_collection(tmp_path):
+    """shards / replicas go to Qdrant's create_collection (a server honours them, local mode ignores them)."""
+    with make_store(tmp_path, shards=6, replication_factor=2, write_consistency_factor=2) as store:
+        real, seen = store.client.create_collection, []
+
+        def spy(*args, **kwargs):  # the real local call still runs
+            seen.append({k: kwargs[k] for k in ("shard_number", "replication_factor", "write_consistency_factor")})
+            return real(*args, **kwargs)
+
+        store.client.create_collection = spy
+        store.ensure_collection(DIM)
+        assert seen == [{"shard_number": 6, "replication_factor": 2, "write_consistency_factor": 2}]
+        assert store.client.collection_exists("test")
+    with pytest.raises(ConfigError, match="write_consistency_factor"):
+        StoreConfig.from_dict({"replication_factor": 2, "write_consistency_factor": 3})
+    with pytest.raises(ConfigError, match="shards"):
+        StoreConfig.from_dict({"shards": 0})
+
+
 def test_retries_transient_errors_only(tmp_path, monkeypatch):
     assert is_transient(ResponseHandlingException(ConnectionError("refused")))
     assert is_transient(UnexpectedResponse(503, "Service Unavailable", b"", None))

@@ -27,6 +27,15 @@ class StoreConfig(ConfigModel):
     quantization: Literal["none", "int8"] = Field(
         "none", description="int8: scalar quantization of the dense vector (4x less RAM for the search copy)."
     )
+    shards: int | None = Field(
+        None, ge=1, description="Server only: shard_number of a collection the job creates (None: Qdrant's default, 1)."
+    )
+    replication_factor: int | None = Field(
+        None, ge=1, description="Server only: copies of each shard in a distributed Qdrant (None: Qdrant's default, 1)."
+    )
+    write_consistency_factor: int | None = Field(
+        None, ge=1, description="Server only: replicas that must confirm a write (<= replication_factor)."
+    )
     sparse: bool = Field(False, description="Also store a BM25 sparse vector named 'bm25' (sparse/hybrid search).")
     store_text: bool = Field(True, description="Keep each chunk's text in its payload.")
     upsert_batch_size: int = Field(256, ge=1, description="Points per upsert request.")
@@ -35,6 +44,15 @@ class StoreConfig(ConfigModel):
         True, description="Server only: no HNSW indexing while the job writes; the index is built once at the end."
     )
     timeout_s: float = Field(60, gt=0, description="Per-request timeout against a server.")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> Self:
+        if self.write_consistency_factor and self.write_consistency_factor > (self.replication_factor or 1):
+            raise ValueError(
+                f"write_consistency_factor ({self.write_consistency_factor}) exceeds replication_factor "
+                f"({self.replication_factor or 1}): no write could ever be confirmed"
+            )
+        return self
 
     @model_validator(mode="after")
     def _api_key_from_env(self) -> Self:

@@ -171,7 +171,12 @@ class QdrantStore:
             {SPARSE_VECTOR_NAME: models.SparseVectorParams(modifier=models.Modifier.IDF)} if self.cfg.sparse else None
         )
         try:
-            self._call(self.client.create_collection, name, vectors_config=vectors, sparse_vectors_config=sparse)
+            self._call(
+                self.client.create_collection, name, vectors_config=vectors, sparse_vectors_config=sparse,
+                # the cluster layout; local mode has one shard and ignores these
+                shard_number=self.cfg.shards, replication_factor=self.cfg.replication_factor,
+                write_consistency_factor=self.cfg.write_consistency_factor,
+            )
         except Exception:
             # another process may have created it between our check and our create
             if not self._call(self.client.collection_exists, name):
