@@ -60,6 +60,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def repeated(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted (for 'must be unique' errors)."""
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 def one_line(exc: ValidationError) -> str:
     """Pydantic's multi-line report folded into one line: `field: message; field: message`."""
     parts = []
@@ -111,6 +116,17 @@ def _check_custom_resources(value: dict[str, float]) -> dict[str, float]:
 # Extra Ray resources a worker / actor / replica requests, e.g. {"train_node": 1} to land on the node pool
 # that advertises it (see cluster.yaml). Empty: schedule anywhere with enough CPUs / GPUs.
 CustomResources = Annotated[dict[str, float], AfterValidator(_check_custom_resources)]
+
+
+def ray_options(num_cpus: float, num_gpus: float = 0, resources: dict[str, float] | None = None) -> dict[str, Any]:
+    """Ray's actor/task options for one request (`ray.remote`, Ray Data's `map_batches`, Serve's
+    `ray_actor_options`): no GPUs and no custom resources are left out rather than passed as zero/empty."""
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        options["num_gpus"] = num_gpus
+    if resources:
+        options["resources"] = dict(resources)
+    return options
 
 
 def ray_bundle(num_cpus: float = 0, num_gpus: float = 0, resources: dict[str, float] | None = None) -> dict[str, float]:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from diffembed.config import ConfigModel, CustomResources, EmbedderConfig
+from diffembed.config import ConfigModel, CustomResources, EmbedderConfig, ray_options
 from diffembed.index.config import StoreConfig
 
 
@@ -37,12 +37,7 @@ class EncodeConfig(ConfigModel):
 
     def ray_remote_args(self) -> dict[str, Any]:
         """The resource options every encoder actor is started with (Ray Data's `map_batches` remote args)."""
-        args: dict[str, Any] = {"num_cpus": self.cpus_per_actor}
-        if self.num_gpus_per_actor:
-            args["num_gpus"] = self.num_gpus_per_actor
-        if self.resources_per_actor:
-            args["resources"] = dict(self.resources_per_actor)
-        return args
+        return ray_options(self.cpus_per_actor, self.num_gpus_per_actor, self.resources_per_actor)
 
 
 class EmbedCorpusConfig(ConfigModel):

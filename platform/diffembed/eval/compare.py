@@ -15,7 +15,7 @@ from typing import Any, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from diffembed.config import ConfigError, ConfigModel, apply_overrides, read_yaml_mapping
+from diffembed.config import ConfigError, ConfigModel, apply_overrides, read_yaml_mapping, repeated
 from diffembed.eval.config import EvalConfig
 from diffembed.train.config import TrainConfig
 
@@ -65,8 +65,7 @@ class CompareConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _unique(self) -> Self:
-        names = [b.name for b in self.backbones]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = repeated([b.name for b in self.backbones])
         if dupes:
             raise ValueError(f"backbone names must be unique, repeated: {dupes}")
         return self
@@ -122,7 +121,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
         done.touch()  # last: marks the backbone finished
         runs[backbone.name] = results
     table = score_table(runs)
-    md, csv_path = write_table(runs, out, title=cfg.name)
+    md, csv_path = write_table(runs, table, out, title=cfg.name)
     plot = plot_table(table, out / "compare.png", title=cfg.name)
     return {"name": cfg.name, "table": table, "markdown": str(md), "csv": str(csv_path), "plot": str(plot)}
 
@@ -136,7 +135,8 @@ def score_table(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     return table
 
 
-def write_table(runs: dict[str, dict[str, Any]], out: Path, title: str) -> tuple[Path, Path]:
+def write_table(runs: dict[str, dict[str, Any]], table: dict[str, dict[str, float]], out: Path, title: str
+                ) -> tuple[Path, Path]:
     """compare.md (scores in percent, one row per task) and compare.csv (the same as fractions)."""
     from diffembed.eval.report import comparison_table
 
@@ -144,7 +144,6 @@ def write_table(runs: dict[str, dict[str, Any]], out: Path, title: str) -> tuple
     md_path, csv_path = out / "compare.md", out / "compare.csv"
     md_path.write_text(f"# {title}\n\n" + comparison_table(list(runs.values()), labels) + "\n")
     metrics = {task: metric for r in runs.values() for task, (metric, _) in r["primary"].items()}
-    table = score_table(runs)
     with csv_path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["task", "metric", *labels])

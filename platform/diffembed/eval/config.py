@@ -7,7 +7,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, model_validator
 
 from diffembed.batch.config import EncodeConfig
-from diffembed.config import ConfigModel, CustomResources, EmbedderConfig, ray_bundle
+from diffembed.config import ConfigModel, CustomResources, EmbedderConfig, ray_bundle, ray_options, repeated
 from diffembed.index.config import StoreConfig
 
 TaskKind = Literal["beir", "passkey", "needle"]
@@ -125,7 +125,7 @@ class ComputeConfig(ConfigModel):
         return bool(self.num_gpus or self.resources)
 
     def ray_remote_args(self) -> dict[str, Any]:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
+        return ray_options(self.num_cpus, self.num_gpus, self.resources)
 
     def bundle(self) -> dict[str, float]:
         return ray_bundle(self.num_cpus, self.num_gpus, self.resources)
@@ -143,8 +143,7 @@ class EvalConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        names = [t.name for t in self.tasks]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"task names must be unique; repeated: {repeated}")
+        dupes = repeated([t.name for t in self.tasks])
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {dupes}")
         return self

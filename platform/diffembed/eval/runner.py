@@ -118,14 +118,6 @@ def index_corpus(cfg: EvalConfig, data: RetrievalData, store_cfg, progress: bool
     return embed_corpus(job, progress=progress)
 
 
-def qdrant_run(cfg: EvalConfig, embedder, data: RetrievalData, instruction: str | None = None,
-               progress: bool = False) -> dict[str, dict[str, float]]:
-    """Index the corpus with the batch job, then search each query as the platform's retriever does."""
-    store_cfg = store_config(cfg, data.name)
-    index_corpus(cfg, data, store_cfg, progress=progress)
-    return search_run(cfg, embedder, data, store_cfg, instruction)
-
-
 def search_run(cfg: EvalConfig, embedder, data: RetrievalData, store_cfg, instruction: str | None = None
                ) -> dict[str, dict[str, float]]:
     """Every query through `QdrantStore.search` (dense, sparse or hybrid), each document's best chunk."""
@@ -189,26 +181,27 @@ def run_evaluation(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     the task's own entry averaged over its lengths; `primary` names each entry's headline metric
     (nDCG@10 for BEIR, nDCG@1 for passkey/needle) with its value. With `compute.num_gpus` or
     `compute.resources` set, the work runs as one Ray task on a node that has them (a GPU worker rather than
-    the CPU head node a submitted job's driver runs on); the results come back and are written here too.
+    the CPU head node a submitted job's driver runs on); the results come back and are written here.
     """
-    load_tasks(cfg)  # ConfigError on bad data, before any model loads or any node is asked for
+    started = time.perf_counter()
+    beir = load_tasks(cfg)  # ConfigError on bad data, before any model loads or any node is asked for
     if not cfg.compute.remote:
-        return _evaluate_here(cfg, progress)
-    import ray
+        results = _evaluate_here(cfg, beir, progress)
+    else:
+        import ray
 
-    if not ray.is_initialized():
-        ray.init()
-    task = ray.remote(max_retries=0, **cfg.compute.ray_remote_args())(_evaluate_here)
-    results = ray.get(task.remote(cfg, progress))
-    results["compute"] = {"ray_task": True, **cfg.compute.bundle()}
+        if not ray.is_initialized():
+            ray.init()
+        task = ray.remote(max_retries=0, **cfg.compute.ray_remote_args())(_evaluate_here)
+        results = ray.get(task.remote(cfg, beir, progress))  # the data travels with the task
+        results["compute"] = {"ray_task": True, **cfg.compute.bundle()}
+    results["wall_s"] = round(time.perf_counter() - started, 2)
     write_results(results, cfg.output_dir)
     return results
 
 
-def _evaluate_here(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    started = time.perf_counter()
-    beir = load_tasks(cfg)
-
+def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bool = True) -> dict[str, Any]:
+    """The evaluation itself, wherever it runs; `beir` holds the BEIR tasks already read and checked."""
     from diffembed.models.embedder import Embedder
 
     embedder = Embedder(cfg.embedder)
@@ -254,7 +247,5 @@ def _evaluate_here(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         },
         "timing_s": timing,
         **({"indexing": indexing} if indexing else {}),
-        "wall_s": round(time.perf_counter() - started, 2),
     }
-    write_results(results, cfg.output_dir)
     return results

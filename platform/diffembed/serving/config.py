@@ -7,7 +7,7 @@ from typing import Any, Self
 
 from pydantic import Field, model_validator
 
-from diffembed.config import ConfigModel, CustomResources, EmbedderConfig
+from diffembed.config import ConfigModel, CustomResources, EmbedderConfig, ray_options
 from diffembed.index.config import StoreConfig
 
 
@@ -52,10 +52,7 @@ class EncoderArgs(ConfigModel):
 
     def ray_actor_options(self) -> dict[str, Any]:
         """The resources every encoder replica is started with (Serve's `ray_actor_options`)."""
-        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-        if self.resources:
-            options["resources"] = dict(self.resources)
-        return options
+        return ray_options(self.num_cpus, self.num_gpus, self.resources)
 
 
 class LimitsArgs(ConfigModel):
