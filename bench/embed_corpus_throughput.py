@@ -34,7 +34,7 @@ def job(corpus: Path, store: Path, max_length: int) -> float:
     cfg = EmbedCorpusConfig.from_dict({
         "embedder": {"model": "all-MiniLM-L6-v2", "max_length": max_length},
         "input": {"paths": [str(corpus)]},
-        "encode": {"long_documents": "truncate", "actors": 1, "batch_size": 256},
+        "encode": {"actors": 1, "batch_size": 256},
         "store": {"path": str(store), "collection": "bench", "upsert_batch_size": 512},
     })
     start = time.perf_counter()

@@ -51,9 +51,9 @@ def plain_loop(cfg: TrainConfig) -> list[float]:
         start = time.perf_counter()
         q = embedder.forward(embedder.collate(embedder.query_segments([r["query"] for r in rows],
                                                                        [r["instruction"] for r in rows])))
-        p = embedder.forward(embedder.collate(embedder.document_segments([r["positive"] for r in rows], chunk=False)))
+        p = embedder.forward(embedder.collate(embedder.document_segments([r["positive"] for r in rows], windows="first")))
         n = embedder.forward(embedder.collate(embedder.document_segments(
-            [x for r in rows for x in r["negatives"]], chunk=False)))
+            [x for r in rows for x in r["negatives"]], windows="first")))
         loss = info_nce(q, p, n, scale=cfg.loss.scale)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(embedder.model.parameters(), cfg.optim.max_grad_norm)

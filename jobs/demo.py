@@ -214,9 +214,9 @@ def index_corpus(corpus: list[tuple[str, str, str]], workdir: Path):
     path = workdir / "stdlib_docs.jsonl"
     path.write_text("".join(json.dumps({"id": i, "text": t, "module": m}) + "\n" for i, t, m in corpus))
     cfg = EmbedCorpusConfig.from_dict({
-        "embedder": {"model": "all-MiniLM-L6-v2", "long_inputs": "chunk"},
+        "embedder": {"model": "all-MiniLM-L6-v2", "documents": {"windows": "best"}},
         "input": {"paths": [str(path)], "metadata_columns": ["module"]},
-        "encode": {"long_documents": "chunk", "batch_size": 128},
+        "encode": {"batch_size": 128},
         "store": {"path": str(workdir / "qdrant"), "collection": "stdlib", "sparse": True},
     })
     return embed_corpus(cfg, progress=False), cfg

@@ -81,7 +81,7 @@ def test_backbone_settings_reach_training_and_evaluation(tmp_path):
     assert bidir.optim.lr == pytest.approx(1e-3)
     # The evaluation of an export takes only what the evaluation template sets; the rest comes from the export.
     ev = cfg.eval_config(causal, "/x/export")
-    assert ev.embedder.model == "/x/export" and ev.embedder.attention is None and ev.retrieval.encode.long_documents == "chunk"
+    assert ev.embedder.model == "/x/export" and ev.embedder.attention is None and ev.embedder.documents.windows == "best"
     # Without fine-tuning the base checkpoint is evaluated with the backbone's own settings.
     base = cfg.eval_config(causal, "tiny:qwen2")
     assert (base.embedder.attention, base.embedder.pooling, base.embedder.max_length) == ("causal", "last", 64)

@@ -43,9 +43,9 @@ def make_corpus(path: Path, n_docs: int = 24, seed: int = 0) -> list[dict]:
 def config(tmp_path: Path, corpus: Path, store_path: Path, *overrides: str) -> EmbedCorpusConfig:
     return EmbedCorpusConfig.from_dict(
         {
-            "embedder": {"model": "all-MiniLM-L6-v2", "max_length": 64, "chunk_overlap": 8},
+            "embedder": {"model": "all-MiniLM-L6-v2", "max_length": 64, "documents": {"windows": "best", "overlap": 8}},
             "input": {"paths": [str(corpus)], "title_column": "title"},
-            "encode": {"long_documents": "chunk", "actors": 1, "batch_size": 8},
+            "encode": {"actors": 1, "batch_size": 8},
             "store": {"path": str(store_path), "collection": "docs", "sparse": True, "upsert_batch_size": 16},
         },
         list(overrides),
@@ -88,7 +88,7 @@ def test_end_to_end_counts_and_search(clean_run, minilm):
     cfg, summary, store_path, docs = clean_run
     real = [d for d in docs if d["text"].strip()]
     emb = Embedder(cfg.embedder, backbone=minilm.backbone)
-    expected_chunks = len(emb.document_segments([d["text"] for d in real], chunk=True))
+    expected_chunks = len(emb.document_segments([d["text"] for d in real], [d["title"] for d in real]))
     assert expected_chunks > len(real)  # long documents really were split
     assert summary["chunks_written"] == summary["points_in_collection"] == expected_chunks
     assert summary["documents_embedded"] == len(real)
@@ -105,7 +105,7 @@ def test_stored_vectors_equal_the_embedders_output(clean_run, minilm):
     cfg, _, store_path, docs = clean_run
     emb = Embedder(cfg.embedder, backbone=minilm.backbone)
     points = all_points(store_path)
-    chunks = emb.encode_document_chunks([docs[0]["text"]])
+    chunks = emb.encode_document_windows([docs[0]["text"]], [docs[0]["title"]])  # the policy joins the title
     stored = sorted((p["payload"]["chunk_index"], p) for p in points.values() if p["payload"]["doc_id"] == "doc-0")
     assert len(stored) == len(chunks.vectors)
     for (index, point), vector, span in zip(stored, chunks.vectors, chunks.token_spans):
@@ -140,7 +140,7 @@ def test_killed_driver_then_rerun_equals_clean_run(clean_run, corpus, tmp_path):
     store = tmp_path / "qdrant"
     args = [sys.executable, str(ROOT / "jobs" / "embed_corpus.py"), "--config", str(ROOT / "jobs/configs/embed_cpu.yaml"),
             f"input.paths=[{path}]", f"store.path={store}", "store.collection=docs", "store.upsert_batch_size=4",
-            "embedder.max_length=64", "embedder.chunk_overlap=8", "encode.batch_size=8", "summary_path=null"]
+            "embedder.max_length=64", "embedder.documents.overlap=8", "encode.batch_size=8", "summary_path=null"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             start_new_session=True)

@@ -27,7 +27,9 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("pooling", ["mean", "last", "cls"])
 def test_padding_invariance(model_path, family, pooling):
     """A text alone and inside a padded, length-mixed batch gets the same vector."""
-    emb = Embedder(EmbedderConfig(model=model_path(family), pooling=pooling, max_batch_tokens=1 << 16))
+    attention = "bidirectional" if pooling == "cls" else None  # cls with causal attention is a config error
+    emb = Embedder(EmbedderConfig(model=model_path(family), pooling=pooling, attention=attention,
+                                  max_batch_tokens=1 << 16))
     batched = emb.encode_documents(TEXTS)
     assert len(emb.batches(emb.document_segments(TEXTS))) == 1  # really one padded batch
     single = np.concatenate([emb.encode_documents([t]) for t in TEXTS])
@@ -90,10 +92,10 @@ def test_instruction_excluded_pooling_leaves_instruction_tokens_out(minilm):
 
 
 def test_chunked_documents(minilm):
-    emb = Embedder(EmbedderConfig(max_length=32, long_inputs="chunk", chunk_overlap=8), backbone=minilm.backbone)
+    emb = Embedder(EmbedderConfig(max_length=32, documents={"windows": "best", "overlap": 8}), backbone=minilm.backbone)
     long_doc = " ".join(f"sentence number {i} talks about topic {i % 7}." for i in range(40))
     docs = ["a short one", long_doc]
-    chunks = emb.encode_document_chunks(docs)
+    chunks = emb.encode_document_windows(docs)
     n_tokens = len(emb.tokenizer(long_doc, add_special_tokens=False)["input_ids"])
     budget = emb.content_budget  # 30 content tokens per window: 32 minus [CLS] and [SEP]
     assert budget == 30
@@ -109,8 +111,12 @@ def test_chunked_documents(minilm):
     s, e = chunks.char_spans[chunks.text_index == 1][1]
     alone = emb.encode_documents([long_doc[s:e]])[0]
     assert float(alone @ chunks.vectors[chunks.text_index == 1][1]) > 0.999
-    # One vector per document, differing from plain truncation for the long one only.
-    pooled = emb.encode_documents(docs)
+    # `best` has no single vector for a document of several windows
+    with pytest.raises(ValueError, match="documents.windows: best"):
+        emb.encode_documents(docs)
+    # `mean`: one vector per document, differing from plain truncation for the long one only.
+    mean = Embedder(EmbedderConfig(max_length=32, documents={"windows": "mean", "overlap": 8}), backbone=minilm.backbone)
+    pooled = mean.encode_documents(docs)
     truncated = Embedder(EmbedderConfig(max_length=32), backbone=minilm.backbone).encode_documents(docs)
     assert pooled.shape == (2, 384)
     np.testing.assert_allclose(pooled[0], truncated[0], atol=1e-5)
@@ -139,7 +145,7 @@ def test_last_token_pooling_appends_eos(model_path):
 def test_empty_list_gives_empty_array(minilm):
     for out in (minilm.encode_documents([]), minilm.encode_queries([])):
         assert out.shape == (0, 384) and out.dtype == np.float32
-    assert minilm.encode_document_chunks([]).vectors.shape == (0, 384)
+    assert minilm.encode_document_windows([]).vectors.shape == (0, 384)
 
 
 @pytest.mark.parametrize("bad, index", [(["ok", ""], 1), (["ok", "fine", "   "], 2), ([None], 0), (["a", 3], 1)])

@@ -54,7 +54,8 @@ def test_beir_sample_loads_judged_queries_of_the_split():
     test = load_beir(SAMPLE, "test")
     assert len(test.queries) == 18 and set(test.queries) == set(test.qrels)
     assert "q23" not in test.queries and "q19" not in test.queries  # no judgement / judged in dev only
-    assert test.corpus["d01"].startswith("Photosynthesis Plants convert sunlight")  # title + " " + text
+    assert test.corpus["d01"].startswith("Plants convert sunlight")  # text and title apart: the policy joins them
+    assert test.titles["d01"] == "Photosynthesis"
     assert test.qrels["q02"] == {"d04": 2, "d03": 1}
     dev = load_beir(SAMPLE, "dev", max_queries=2)
     assert list(dev.queries) == ["q19", "q20"]
@@ -96,7 +97,9 @@ def test_config_rules():
     cfg = EvalConfig.from_dict({"tasks": [{"name": "p", "kind": "passkey"}]}, ["retrieval.top_k=50"])
     assert cfg.tasks[0].lengths == [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
     assert (cfg.retrieval.backend, cfg.retrieval.mode, cfg.retrieval.top_k) == ("exact", "dense", 50)
-    assert cfg.retrieval.encode.long_documents == "chunk"
+    assert cfg.embedder.documents.windows == "first"
+    with pytest.raises(ConfigError, match="moved to the embedder's document policy"):
+        EvalConfig.from_dict({"tasks": [{"name": "p", "kind": "passkey"}]}, ["retrieval.encode.long_documents=chunk"])
     for shipped in ("eval_cpu.yaml", "eval_longembed_dream.yaml"):  # the shipped configs validate
         cfg = EvalConfig.from_yaml(ROOT / "jobs" / "configs" / shipped)
         assert {t.kind for t in cfg.tasks} >= {"passkey", "needle"}
@@ -135,16 +138,17 @@ def test_minilm_end_to_end_exact(tmp_path):
 
 def test_chunking_reaches_the_far_end_of_long_documents():
     """64-token windows on 512-token documents: truncation only sees pass keys near the start, chunks see all."""
-    embedder = Embedder(EmbedderConfig(max_length=64, chunk_overlap=8))
-    data = passkey_task(embedder.tokenizer, 512, n_queries=8, n_documents=16, seed=0)
-    chunked = evaluate(data.qrels, exact_run(embedder, data, 100, chunk=True))
-    truncated = evaluate(data.qrels, exact_run(embedder, data, 100, chunk=False))
+    best = Embedder(EmbedderConfig(max_length=64, documents={"windows": "best", "overlap": 8}))
+    first = Embedder(EmbedderConfig(max_length=64, documents={"windows": "first"}), backbone=best.backbone)
+    data = passkey_task(best.tokenizer, 512, n_queries=8, n_documents=16, seed=0)
+    chunked = evaluate(data.qrels, exact_run(best, data, 100))
+    truncated = evaluate(data.qrels, exact_run(first, data, 100))
     assert chunked["ndcg@1"] >= truncated["ndcg@1"] + 0.3
     assert chunked["mrr@10"] > truncated["mrr@10"]
 
 
 def test_exact_backend_equals_qdrant_backend(ray_cluster, tmp_path):
-    overrides = ["embedder.max_length=64", "embedder.chunk_overlap=8", "retrieval.top_k=10",
+    overrides = ["embedder.max_length=64", "embedder.documents={windows: best, overlap: 8}", "retrieval.top_k=10",
                  "retrieval.store.sparse=true", f"retrieval.store.path={tmp_path / 'qdrant'}"]
     tasks = {"tasks": [
         {"name": "sample", "kind": "beir", "path": str(SAMPLE)},
@@ -164,7 +168,7 @@ def test_exact_backend_equals_qdrant_backend(ray_cluster, tmp_path):
     embedder = Embedder(qdrant_cfg.embedder)
     data = passkey_task(embedder.tokenizer, 160, 5, 8, seed=0, name="passkey@160")
     by_store = search_run(qdrant_cfg, embedder, data, store_config(qdrant_cfg, data.name))
-    by_exact = exact_run(embedder, data, 10, chunk=True)
+    by_exact = exact_run(embedder, data, 10)
     assert by_store.keys() == by_exact.keys()
     for qid in by_exact:
         assert by_store[qid].keys() == by_exact[qid].keys()

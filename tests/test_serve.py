@@ -17,7 +17,7 @@ from diffembed.batch.pipeline import embed_corpus
 from diffembed.serving.config import ServeArgs
 
 API_KEY = "test-secret"
-EMBEDDER = {"model": "all-MiniLM-L6-v2", "max_length": 64, "chunk_overlap": 8}
+EMBEDDER = {"model": "all-MiniLM-L6-v2", "max_length": 64, "documents": {"windows": "best", "overlap": 8}}
 TOPICS = ["river", "mountain", "forest", "harbour", "castle", "library", "market", "garden", "bridge", "glacier"]
 
 
@@ -50,7 +50,7 @@ def server(ray_cluster, tmp_path_factory):
     embed_corpus(EmbedCorpusConfig.from_dict({
         "embedder": EMBEDDER,
         "input": {"paths": [str(root / "corpus.jsonl")], "title_column": "title", "metadata_columns": ["lang"]},
-        "encode": {"long_documents": "chunk", "actors": 1, "batch_size": 8},
+        "encode": {"actors": 1, "batch_size": 8},
         "store": store,
     }), progress=False)  # the job's store is closed when it returns: the retriever replica can open the path
 
@@ -108,10 +108,12 @@ def test_openai_client_matches_embedder(server, embedder, encoding_format):
     got = np.array([d.embedding for d in response.data], dtype=np.float32) if encoding_format == "float" else None
     if encoding_format == "base64":  # the client returns our base64 string untouched when asked for base64
         got = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in response.data])
-    want = embedder.encode_documents(TEXTS)
+    # the policy is `best` (one point per window): truncated by default, a long input gets its first window's vector
+    windows = embedder.encode_document_windows(TEXTS)
+    want = windows.vectors[windows.chunk_index == 0]
     assert [d.index for d in response.data] == [0, 1, 2]
     np.testing.assert_allclose(got, want, atol=1e-5)
-    assert response.usage.prompt_tokens == sum(embedder.count_tokens(TEXTS))
+    assert response.usage.prompt_tokens == sum(len(s.ids) for s in embedder.document_segments(TEXTS, windows="first"))
     assert response.model == "all-MiniLM-L6-v2"
 
 
@@ -138,9 +140,25 @@ def test_embed_tei_style(client, embedder):
 
 
 def test_truncate_false_rejects_long_input(client):
-    r = client.post("/embed", json={"inputs": ["word " * 200], "truncate": False})
+    r = client.post("/embed", json={"inputs": ["word " * 200], "truncate": False})  # several windows, policy best
+    assert r.status_code == 422 and "truncate=true" in r.json()["error"]["message"]
+    r = client.post("/embed", json={"inputs": ["word " * 200], "truncate": False, "instruction": "Find it"})  # a query
     assert r.status_code == 422 and "max_length" in r.json()["error"]["message"]
     assert client.post("/embed", json={"inputs": ["word " * 200], "truncate": True}).status_code == 200
+
+
+def test_served_vector_equals_the_stored_point(client, embedder):
+    """/v1/embeddings of a document (title joined as the policy joins it) is the vector the batch job stored:
+    the /search score of that document equals the query vector · the served vector."""
+    topic, i = "mountain", 1  # a one-window document of make_corpus, with a title
+    text = " ".join(f"Document {i} talks about the {topic}, sentence {j}." for j in range(2))
+    served = client.post("/v1/embeddings", json={"input": f"About the {topic} {text}", "truncate": False})
+    assert served.status_code == 200, served.text
+    vector = np.array(served.json()["data"][0]["embedding"])
+    query = "Which document is about the mountain?"
+    hits = client.post("/search", json={"query": query, "top_k": 10}).json()["data"]
+    hit = next(h for h in hits if h["doc_id"] == f"doc-{i}")
+    assert hit["score"] == pytest.approx(float(embedder.encode_queries([query])[0] @ vector), abs=1e-5)
 
 
 def test_search_finds_indexed_document(client):
@@ -198,6 +216,16 @@ def test_auth(server, client):
         ("/search", {"query": "a", "mode": "fuzzy"}, 422),
         ("/search", {"query": "a", "filter": "lang=en"}, 422),
         ("/search", {"query": "a", "top_k": 1000}, 422),
+        # filter values the store cannot take: caught by the request schema, before any Qdrant call
+        ("/search", {"query": "a", "filter": {"meta.lang": ["en", 1]}}, 422),  # MatchAny: one type only
+        ("/search", {"query": "a", "filter": {"meta.lang": [True, False]}}, 422),
+        ("/search", {"query": "a", "filter": {"meta.n": 2**70}}, 422),  # beyond Qdrant's int64
+        ("/search", {"query": "a", "filter": {"": "x"}}, 422),
+        ("/search", {"query": "a", "filter": {"meta": {"lang": "en"}}}, 422),
+        ("/search", {"query": "a", "filter": {"meta.lang": 1.5}}, 422),
+        ("/search", {"query": "a", "instruction": "x" * 6000}, 413),
+        ("/embed", {"inputs": "a", "instruction": "x" * 6000}, 413),
+        ("/v1/embeddings", {"input": "a", "dimensions": 10**30}, 422),
     ],
 )
 def test_bad_inputs_are_4xx_json(client, route, body, status):
@@ -205,6 +233,46 @@ def test_bad_inputs_are_4xx_json(client, route, body, status):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error"
+
+
+LONG_INSTRUCTION = "Find the passage that best answers this question about " + "word " * 70  # > max_length 64
+
+
+@pytest.mark.parametrize("mode", ["dense", "hybrid", "sparse"])
+def test_filter_rejected_by_the_store_is_422(client, mode):
+    """A filter path Qdrant cannot parse reaches the store (local mode raises ValueError, a server 400): the
+    retriever classifies it as the caller's error, not as an unavailable store."""
+    r = client.post("/search", json={"query": "glacier", "mode": mode, "filter": {"meta[": "x"}})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_search"
+    assert error["message"].startswith("the store rejected the search")
+    assert client.post("/search", json={"query": "glacier", "mode": mode}).status_code == 200  # store still fine
+
+
+@pytest.mark.parametrize(
+    "route,body",
+    [
+        ("/embed", {"inputs": ["castle"], "instruction": LONG_INSTRUCTION}),
+        ("/search", {"query": "castle", "instruction": LONG_INSTRUCTION}),  # encoder error raised in the retriever
+        ("/search", {"query": "castle", "mode": "hybrid", "instruction": LONG_INSTRUCTION}),
+    ],
+)
+def test_instruction_leaving_no_query_tokens_is_422(client, route, body):
+    r = client.post(route, json=body)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_input"
+    assert "no tokens left after the instruction" in error["message"]
+    assert "Traceback" not in error["message"] and "\n" not in error["message"]
+
+
+def test_deeply_nested_json_is_400(client):
+    r = client.post("/v1/embeddings", content=b"[" * 5000, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = client.post("/search", content=b'{"query": "a", "filter": {"k": ' + b"[" * 500 + b"]" * 500 + b"}}",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_body"
 
 
 def test_invalid_json_and_unknown_route(client):

@@ -8,17 +8,19 @@ override and a Python caller all go through one validation.
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+import types
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from diffembed.documents import DocumentPolicy
 
 Family = Literal["dream", "llada", "qwen2", "llama", "mistral", "bert"]
 Attention = Literal["bidirectional", "causal"]
 Pooling = Literal["mean", "last", "cls"]
 DType = Literal["fp32", "bf16", "fp16"]
-LongInputs = Literal["truncate", "chunk"]
 
 # The instruction the paper uses for MS MARCO-style retrieval queries.
 DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -39,7 +41,7 @@ class ConfigModel(BaseModel):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Self:
-        data = apply_overrides(dict(data), overrides or [])
+        data = apply_overrides(dict(data), overrides or [], cls)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -74,15 +76,27 @@ def one_line(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides; values are parsed as YAML scalars/lists (`4`, `true`, `[q, k]`)."""
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], model: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (dotted keys reach into nested sections), each value parsed by the type of
+    the field it sets in `model`:
+
+    * text fields (`str`, `str | None`, a `Literal` of strings, paths) keep the raw string as it is, so
+      `run.name=no` is "no" and `query_instruction=Given a claim: find ...` keeps its colon; one pair of
+      surrounding matching quotes is stripped (`'"x"'` -> `x`). An empty value is "" for a `str` field; for
+      an optional one, empty or a YAML null (`null`, `~`) is None (quote it, `'"null"'`, for the word);
+    * every other field (bool, int, float, list, dict, a union with a non-text type), a key that names no
+      field, or no `model` at all: the value is parsed as YAML (`4`, `true`, `[q, k]`, `{pool: 1}`), empty
+      is None. Unknown keys are left for validation to report.
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        value = yaml.safe_load(raw) if raw else None
-        node = data
         parts = key.split(".")
+        value = _override_value(item, raw, _field_annotation(model, parts) if model is not None else None)
+        node = data
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:
@@ -94,6 +108,67 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = value
     return data
+
+
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
+_NO_FIELD = object()
+
+
+def _alternatives(annotation: Any) -> list[Any]:
+    """The types an annotation admits: Annotated unwrapped, Optional/Union flattened."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _alternatives(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return [t for arg in get_args(annotation) for t in _alternatives(arg)]
+    return [annotation]
+
+
+def _field_annotation(model: type[BaseModel], parts: list[str]) -> Any:
+    """The annotation of the field a dotted key names: through nested models and dict values; `_NO_FIELD`
+    when the key names none (unknown, or inside a list)."""
+    annotation: Any = model
+    for part in parts:
+        found: Any = _NO_FIELD
+        for alt in _alternatives(annotation):
+            if isinstance(alt, type) and issubclass(alt, BaseModel):
+                field = alt.model_fields.get(part)
+                if field is not None:
+                    found = field.annotation
+                    break
+            elif alt is dict or get_origin(alt) is dict:
+                args = get_args(alt)
+                found = args[1] if len(args) == 2 else Any
+                break
+        if found is _NO_FIELD:
+            return _NO_FIELD
+        annotation = found
+    return annotation
+
+
+def _is_text(alt: Any) -> bool:
+    if isinstance(alt, type):
+        return issubclass(alt, (str, PurePath))
+    return get_origin(alt) is Literal and all(isinstance(v, str) for v in get_args(alt))
+
+
+def _override_value(item: str, raw: str, annotation: Any) -> Any:
+    if annotation is not _NO_FIELD and annotation is not None:
+        alternatives = _alternatives(annotation)
+        optional = type(None) in alternatives
+        rest = [t for t in alternatives if t is not type(None)]
+        if rest and all(_is_text(t) for t in rest):
+            if optional and raw.strip() in _YAML_NULLS:
+                return None
+            if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+                return raw[1:-1]
+            return raw
+    if not raw:
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from None
 
 
 # Resources Ray schedules by their own option (num_cpus, num_gpus, memory): never in a custom-resource map.
@@ -158,23 +233,30 @@ class EmbedderConfig(ConfigModel):
     query_instruction: str | None = Field(
         None, description="Instruction used when encode_queries gets none. None: queries go in as they are."
     )
-    document_prefix: str = ""
     exclude_instruction_from_pooling: bool = Field(
         False, description="Mean pooling skips the instruction prefix's tokens (query content only)."
     )
     append_eos: bool | None = Field(None, description="Append EOS to every input. Default: on for last-token pooling.")
     max_length: int | None = Field(None, ge=8, description="Tokens per input/window incl. special tokens.")
-    long_inputs: LongInputs = "truncate"
-    chunk_overlap: int = Field(64, ge=0, description="Tokens shared by consecutive windows in chunk mode.")
+    documents: DocumentPolicy = Field(
+        default_factory=DocumentPolicy,
+        description="The one document policy: title join, per-window prefix, and first / mean / best windows.",
+    )
+    dimensions: int | None = Field(None, ge=1, description="Matryoshka: keep the first N dimensions.")
+    # ---- runtime settings below: how this machine computes the function, never saved with a model
     dtype: DType = "fp32"
     device: str | None = Field(None, description="cuda when present, else cpu.")
     lora_adapter: str | None = Field(None, description="A peft LoRA adapter directory merged into the backbone.")
-    dimensions: int | None = Field(None, ge=1, description="Matryoshka: keep the first N dimensions.")
     max_batch_tokens: int | None = Field(
         None, ge=64, description="Padded tokens per forward pass. Default: 1024 on CPU (cache-sized), 32768 on GPU."
     )
     max_batch_size: int = Field(256, ge=1)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        return migrate_legacy_embedder_keys(data)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -182,6 +264,46 @@ class EmbedderConfig(ConfigModel):
             raise ValueError("query_template must contain '{instruction}'")
         if self.family == "bert" and self.attention == "causal":
             raise ValueError("a bert-style encoder has no causal mode")
-        if self.max_length is not None and self.long_inputs == "chunk" and self.chunk_overlap >= self.max_length // 2:
-            raise ValueError("chunk_overlap must be smaller than half of max_length")
+        if self.pooling == "cls" and self.attention == "causal":
+            raise ValueError("cls pooling with causal attention reads a token that sees only itself; "
+                             "use pooling last or mean, or bidirectional attention")
+        docs = self.documents
+        if self.max_length is not None and docs.multi_window and docs.overlap >= self.max_length // 2:
+            raise ValueError("documents.overlap must be smaller than half of max_length")
         return self
+
+    def embedding_function(self) -> dict[str, Any]:
+        """The fields that decide which vector a text gets (saved as diffembed.json beside exported weights)."""
+        return self.model_dump(mode="json", include=set(EMBEDDING_FUNCTION_FIELDS))
+
+
+# What diffembed.json holds: the embedding function. Everything else on EmbedderConfig is a runtime setting of
+# the machine that loads the model (dtype, device, batch budgets, attention kernel) or where it comes from.
+EMBEDDING_FUNCTION_FIELDS = (
+    "family", "attention", "pooling", "normalize", "query_template", "query_instruction",
+    "exclude_instruction_from_pooling", "append_eos", "max_length", "documents", "dimensions",
+)
+RUNTIME_FIELDS = ("dtype", "device", "max_batch_tokens", "max_batch_size", "attn_implementation")
+
+# Keys of earlier versions (configs and exported diffembed.json files) and where they live now.
+LEGACY_WINDOWS = {"truncate": "first", "chunk": "mean"}
+
+
+def migrate_legacy_embedder_keys(data: Any) -> Any:
+    """`long_inputs`, `chunk_overlap` and `document_prefix` (before the document policy) -> `documents`."""
+    if not isinstance(data, dict) or not {"long_inputs", "chunk_overlap", "document_prefix"} & set(data):
+        return data
+    data = dict(data)
+    docs = data.get("documents")
+    docs = dict(docs) if isinstance(docs, dict) else ({} if docs is None else docs)
+    if not isinstance(docs, dict):
+        return data  # validation reports the bad `documents` value
+    if "long_inputs" in data:
+        value = data.pop("long_inputs")
+        docs["windows"] = LEGACY_WINDOWS.get(value, value)
+    if "chunk_overlap" in data:
+        docs["overlap"] = data.pop("chunk_overlap")
+    if "document_prefix" in data:
+        docs["prefix"] = data.pop("document_prefix")
+    data["documents"] = docs
+    return data

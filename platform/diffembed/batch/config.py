@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from diffembed.config import ConfigModel, CustomResources, EmbedderConfig, ray_options
 from diffembed.index.config import StoreConfig
@@ -20,9 +20,17 @@ class InputConfig(ConfigModel):
 
 
 class EncodeConfig(ConfigModel):
-    long_documents: Literal["truncate", "chunk"] = Field(
-        "chunk", description="chunk: one point per token window (multi-point indexing); truncate: one per document"
-    )
+    """How the encoder actors run. *What* a document's vectors are (title, prefix, windows) is the embedder's
+    document policy (`embedder.documents`), shared with evaluation and serving."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "long_documents" in data:
+            raise ValueError("encode.long_documents moved to the embedder's document policy: "
+                             "embedder.documents.windows (first | mean | best; chunk = best, truncate = first)")
+        return data
+
     actors: int = Field(1, ge=1, description="Encoder actors (one model load each); one per GPU on a cluster.")
     num_gpus_per_actor: float = Field(0, ge=0)
     cpus_per_actor: float = Field(1, gt=0)

@@ -25,13 +25,14 @@ log = logging.getLogger(__name__)
 
 
 class EncodeActor:
-    """A Ray Data actor: loads the Embedder once, turns a batch of documents into one row per chunk.
+    """A Ray Data actor: loads the Embedder once, turns a batch of documents into one row per stored point
+    (per document, or per window under the `best` document policy).
 
     Rows that cannot be embedded come out as one marker row (`chunk_index` -1, `skip` set) so the driver
     counts them; documents in the `done` set (already fully indexed) are dropped.
     """
 
-    def __init__(self, embedder: dict[str, Any], long_documents: str, threads: int, done=None):
+    def __init__(self, embedder: dict[str, Any], threads: int, done=None):
         import ray
         import torch
 
@@ -41,7 +42,6 @@ class EncodeActor:
         # rest of the pipeline (reading, writing) needs next to none. Give torch the cores we were told to.
         torch.set_num_threads(threads)
         self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
-        self.chunk = long_documents == "chunk"
         self.done: set[str] = ray.get(done) if done is not None else set()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -49,7 +49,8 @@ class EncodeActor:
         todo = np.array([not s and str(d) not in self.done for d, s in zip(batch["doc_id"], batch["skip"])],
                         dtype=bool)
         texts = [str(t) for t in batch["text"][todo]]
-        chunks = self.embedder.encode_document_chunks(texts, chunk=self.chunk)
+        titles = [t if isinstance(t, str) else None for t in batch["title"][todo]]
+        chunks = self.embedder.encode_document_windows(texts, titles)  # the document policy decides the points
         rows = np.flatnonzero(todo)[chunks.text_index]  # (M,) batch row of each chunk
         marks = np.flatnonzero(skip)  # (K,) batch rows reported as skipped
         n_chunks = np.bincount(chunks.text_index, minlength=len(texts))[chunks.text_index]  # (M,)
@@ -118,7 +119,6 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
             EncodeActor,
             fn_constructor_kwargs={
                 "embedder": cfg.embedder.model_dump(mode="json"),
-                "long_documents": cfg.encode.long_documents,
                 "threads": cfg.encode.torch_threads or max(1, (os.cpu_count() or 1) // cfg.encode.actors),
                 "done": ray.put(done) if done else None,
             },

@@ -1,7 +1,7 @@
 """BEIR-layout retrieval datasets: `corpus.jsonl`, `queries.jsonl`, `qrels/<split>.tsv`.
 
-corpus.jsonl rows are `{"_id", "title", "text"}` (a document's text is `title + " " + text`, as BEIR and
-MTEB encode it), queries.jsonl rows `{"_id", "text"}`, and the qrels TSV has a `query-id corpus-id score`
+corpus.jsonl rows are `{"_id", "title", "text"}` (text and title kept apart: the embedder's document policy
+joins them, the same way for evaluation, the batch job and serving), queries.jsonl rows `{"_id", "text"}`, and the qrels TSV has a `query-id corpus-id score`
 header. Queries with no relevant (score > 0) judgement in the split are dropped, as BEIR does. Anything
 malformed is a `ConfigError` naming the file (and line).
 """
@@ -25,6 +25,7 @@ class RetrievalData:
     queries: dict[str, str]  # query id -> text (only queries with a relevant document)
     qrels: dict[str, dict[str, int]]  # query id -> doc id -> grade
     meta: dict[str, Any] = field(default_factory=dict)
+    titles: dict[str, str] = field(default_factory=dict)  # doc id -> title, for documents that have one
 
 
 def _jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
@@ -52,17 +53,23 @@ def _text(row: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def read_corpus(path: Path) -> dict[str, str]:
+def read_corpus(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(doc id -> text, doc id -> title for the documents that have one)."""
     corpus: dict[str, str] = {}
+    titles: dict[str, str] = {}
     for number, row in _jsonl(path, "corpus"):
         doc_id, where = str(row["_id"]), f"{path}:{number}"
         if doc_id in corpus:
             raise ConfigError(f"{where}: duplicate _id {doc_id!r}")
-        title, text = _text(row, "title", where), _text(row, "text", where)
-        corpus[doc_id] = f"{title} {text}".strip() if title else text.strip()
+        title, text = _text(row, "title", where).strip(), _text(row, "text", where).strip()
+        if title and not text:  # a title-only document: its title is its text
+            title, text = "", title
+        corpus[doc_id] = text
+        if title:
+            titles[doc_id] = title
     if not corpus:
         raise ConfigError(f"{path}: no documents")
-    return corpus
+    return corpus, titles
 
 
 def read_queries(path: Path) -> dict[str, str]:
@@ -125,7 +132,7 @@ def load_beir(path: str | Path, split: str = "test", name: str | None = None,
         splits = available_splits(root)
         have = ", ".join(splits) if splits else f"none: {root / 'qrels'} holds no .tsv files"
         raise ConfigError(f"{root}: no split {split!r} (available: {have})")
-    corpus = read_corpus(root / "corpus.jsonl")
+    corpus, titles = read_corpus(root / "corpus.jsonl")
     queries = read_queries(root / "queries.jsonl")
     qrels = read_qrels(qrels_path, queries, corpus)
     judged = [q for q in queries if any(grade > 0 for grade in qrels.get(q, {}).values())]
@@ -139,4 +146,5 @@ def load_beir(path: str | Path, split: str = "test", name: str | None = None,
         queries={q: queries[q] for q in judged},
         qrels={q: qrels[q] for q in judged},
         meta={"path": str(root), "split": split, "queries_in_file": len(queries)},
+        titles=titles,
     )

@@ -92,9 +92,8 @@ class RetrievalConfig(ConfigModel):
     )
     encode: EncodeConfig = Field(
         default_factory=EncodeConfig,
-        description="Long documents as in the batch job: chunk (one vector per token window, a document scores "
-        "as its best window) or truncate (one vector of its first max_length tokens). Actor settings apply "
-        "to backend qdrant.",
+        description="backend qdrant: the batch job's actor settings. Long documents follow the embedder's "
+        "document policy (embedder.documents), as in the batch job and the service.",
     )
     reuse_collections: bool = Field(
         False,

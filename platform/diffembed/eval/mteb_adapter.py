@@ -1,8 +1,8 @@
 """Run MTEB tasks (incl. BRIGHT, LongEmbed, FollowIR) with a diffembed `Embedder`.
 
 `MTEBEncoder` implements mteb 2.x's encoder protocol on top of the Embedder: queries go through
-`encode_queries` with an instruction, documents through `encode_documents` (the text mteb hands over: title
-and body joined with a space). `run_mteb` is the one-call entry point around `mteb.evaluate`.
+`encode_queries` with an instruction, documents through `encode_documents` with mteb's body and title kept
+apart, so the embedder's document policy joins them as the batch job and the service do. `run_mteb` is the one-call entry point around `mteb.evaluate`.
 
 mteb is an optional dependency (`pip install "diffembed[eval]"`); it is imported only when this module is used,
 never by `import diffembed`.
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from diffembed.config import EmbedderConfig
+from diffembed.config import RUNTIME_FIELDS, ConfigError, EmbedderConfig
 
 if TYPE_CHECKING:
     from mteb.models.model_meta import ModelMeta
@@ -42,7 +42,8 @@ __all__ = ["MTEBEncoder", "model_meta", "result_path", "run_mteb", "summarize"]
 # Sentinel: "no entry in the instruction map" (None in the map means "no instruction").
 _MISSING = object()
 # How inputs are batched and where they run does not change what a model is: same revision on CPU and GPU.
-_NOT_IN_REVISION = {"device", "max_batch_tokens", "max_batch_size"}
+# Settings of the machine that runs the model, not of the model (dtype stays: bf16 scores differ from fp32).
+_NOT_IN_REVISION = set(RUNTIME_FIELDS) - {"dtype"}
 
 
 def _require_mteb():
@@ -165,6 +166,9 @@ class MTEBEncoder:
     ):
         _require_mteb()
         self.embedder = _as_embedder(embedder)
+        if not self.embedder.config.documents.one_vector:
+            raise ConfigError("MTEB scores one vector per document; documents.windows: best stores one per window "
+                              "(use first or mean for MTEB)")
         self.instructions = dict(instructions or {})
         self.use_task_prompts = use_task_prompts
         # A plain attribute, not a property: mteb's ModelMeta.load_model assigns it.
@@ -213,13 +217,23 @@ class MTEBEncoder:
         """
         kind = getattr(prompt_type, "value", prompt_type)
         texts: list[str] = []
+        titles: list[str | None] = []
         row_instructions: list[str | None] = []
         for batch in inputs:
             if "text" not in batch:
                 raise ValueError(f"{task_metadata.name}: only text inputs are supported, got {sorted(batch)}")
-            # A query batch carries the bare query in `query` (its `text` has the instruction appended by mteb).
-            column = batch["query"] if kind == "query" and "query" in batch else batch["text"]
+            # A query batch carries the bare query in `query` (its `text` has the instruction appended by mteb);
+            # a corpus batch carries the document's `body` and `title` beside their joined `text`.
+            if kind == "query" and "query" in batch:
+                column = batch["query"]
+            elif kind != "query" and "body" in batch:
+                column = batch["body"]
+            else:
+                column = batch["text"]
             texts.extend(str(t) for t in column)
+            given_titles = batch.get("title") if kind != "query" and "body" in batch else None
+            titles.extend(t if isinstance(t, str) and t.strip() else None
+                          for t in (given_titles if given_titles is not None else [None] * len(column)))
             given = batch.get("instruction") if kind == "query" else None
             row_instructions.extend(given if given is not None else [None] * len(column))
 
@@ -227,7 +241,12 @@ class MTEBEncoder:
             return self._encode_queries(texts, row_instructions, self.task_instruction(task_metadata))
         if kind is None and self._mapped(task_metadata) is not _MISSING:  # symmetric task with an instruction
             return self._encode_queries(texts, [None] * len(texts), self.task_instruction(task_metadata))
-        return self._encode_nonempty(texts, lambda keep: self.embedder.encode_documents([texts[i] for i in keep]))
+        for i, (text, title) in enumerate(zip(texts, titles)):
+            if title and not text.strip():  # a title-only document: its title is its text
+                texts[i], titles[i] = title, None
+        return self._encode_nonempty(
+            texts, lambda keep: self.embedder.encode_documents([texts[i] for i in keep], [titles[i] for i in keep])
+        )
 
     def _encode_queries(self, texts: list[str], row_instructions: list[str | None], default: str | None) -> np.ndarray:
         """A query's own instruction (FollowIR-style tasks) wins over the task's."""

@@ -31,7 +31,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     r = results.get("retrieval", {})
     setup = f"model `{results['model']}`"
     if r:
-        setup += (f" · backend {r['backend']} · mode {r['mode']} · long documents {r['long_documents']}"
+        setup += (f" · backend {r['backend']} · mode {r['mode']} · documents {r['documents']['windows']} window(s)"
                   f" (max_length {r['max_length']})")
     return (
         f"# Evaluation: {results['name']}\n\n{setup}\n\n"

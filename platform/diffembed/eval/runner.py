@@ -3,7 +3,8 @@
 Every task becomes a `RetrievalData` (documents, judged queries, qrels); documents are retrieved either
 exactly in this process or through the platform's own path (the embed_corpus batch job into Qdrant, then
 `QdrantStore.search`), and the run is scored with pytrec_eval. Long documents are handled as in the batch
-job: `chunk` scores a document by its best token window, `truncate` by its first max_length tokens. Both
+job and the service: the embedder's document policy (`embedder.documents`) decides a document's vector(s) —
+its first window, its windows averaged, or every window with the document scored by its best one. Both
 backends rank by cosine similarity, so they agree on the same data.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from diffembed.documents import best_hits, best_window_scores
 from diffembed.eval.beir import RetrievalData, load_beir
 from diffembed.eval.config import EvalConfig, TaskConfig
 from diffembed.eval.metrics import evaluate, top_k_run
@@ -36,32 +38,34 @@ def load_tasks(cfg: EvalConfig) -> dict[str, RetrievalData]:
     }
 
 
-def _texts(data: RetrievalData) -> tuple[list[str], list[str]]:
-    """(doc ids, texts) of the documents that have text; empty ones can never be retrieved."""
+def _texts(data: RetrievalData) -> tuple[list[str], list[str], list[str | None]]:
+    """(doc ids, texts, titles) of the documents that have text; empty ones can never be retrieved."""
     ids = [d for d, text in data.corpus.items() if text.strip()]
-    return ids, [data.corpus[d] for d in ids]
+    return ids, [data.corpus[d] for d in ids], [data.titles.get(d) for d in ids]
 
 
 # ------------------------------------------------------------------------------------------- backends
 
 
-def exact_run(embedder, data: RetrievalData, top_k: int, chunk: bool, instruction: str | None = None
+def stored_vectors(embedder, data: RetrievalData):
+    """(doc ids, what the index stores for them): the batch job's vectors, computed in this process."""
+    doc_ids, texts, titles = _texts(data)
+    return doc_ids, embedder.encode_document_windows(texts, titles)
+
+
+def exact_run(embedder, data: RetrievalData, top_k: int, instruction: str | None = None
               ) -> dict[str, dict[str, float]]:
-    """Brute-force cosine retrieval; with `chunk`, a document scores as its best token window."""
-    doc_ids, texts = _texts(data)
+    """Brute-force cosine retrieval over what the index would store (the document policy's vectors); a
+    document scores as its best vector (its only one unless the policy is `best`)."""
+    doc_ids, stored = stored_vectors(embedder, data)
     qids = list(data.queries)
     if not doc_ids:
         return {q: {} for q in qids}
-    chunks = embedder.encode_document_chunks(texts, chunk=chunk)
-    vectors = _unit(chunks.vectors)  # (M, D)
+    vectors = _unit(stored.vectors)  # (M, D)
     queries = _unit(embedder.encode_queries([data.queries[q] for q in qids], instruction=instruction))  # (Q, D)
-    # windows come grouped by document, in document order: the best window per document is a reduceat
-    starts = np.flatnonzero(np.r_[True, chunks.text_index[1:] != chunks.text_index[:-1]])  # (N,)
     run: dict[str, dict[str, float]] = {}
     for block in range(0, len(qids), QUERY_BLOCK):
-        scores = queries[block : block + QUERY_BLOCK] @ vectors.T  # (b, M)
-        if len(starts) != scores.shape[1]:
-            scores = np.maximum.reduceat(scores, starts, axis=1)  # (b, N)
+        scores = best_window_scores(queries[block : block + QUERY_BLOCK] @ vectors.T, stored.text_index)  # (b, N)
         run.update(top_k_run(scores, qids[block : block + QUERY_BLOCK], doc_ids, top_k))
     return run
 
@@ -94,7 +98,7 @@ def index_corpus(cfg: EvalConfig, data: RetrievalData, store_cfg, progress: bool
     from diffembed.batch.pipeline import embed_corpus, model_dimension
     from diffembed.index.store import QdrantStore
 
-    doc_ids, texts = _texts(data)
+    doc_ids, texts, titles = _texts(data)
     with QdrantStore(store_cfg) as store:
         exists = store.client.collection_exists(store_cfg.collection)
         if exists and not cfg.retrieval.reuse_collections:
@@ -106,11 +110,12 @@ def index_corpus(cfg: EvalConfig, data: RetrievalData, store_cfg, progress: bool
     corpus_file = Path(cfg.output_dir) / "corpora" / f"{collection_name(cfg, data.name)}.jsonl"
     corpus_file.parent.mkdir(parents=True, exist_ok=True)
     with open(corpus_file, "w", encoding="utf-8") as f:
-        for doc_id, text in zip(doc_ids, texts):
-            f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+        for doc_id, text, title in zip(doc_ids, texts, titles):
+            f.write(json.dumps({"id": doc_id, "text": text, "title": title}) + "\n")
     job = EmbedCorpusConfig(
         embedder=cfg.embedder,
-        input=InputConfig(paths=[str(corpus_file)], format="jsonl", id_column="id", text_column="text"),
+        input=InputConfig(paths=[str(corpus_file)], format="jsonl", id_column="id", text_column="text",
+                          title_column="title"),
         encode=cfg.retrieval.encode,
         store=store_cfg,
         skip_existing=True,
@@ -139,15 +144,13 @@ def search_run(cfg: EvalConfig, embedder, data: RetrievalData, store_cfg, instru
 
 
 def _best_chunk_per_doc(store, dense, text: str, top_k: int, mode: str, points: int) -> dict[str, float]:
-    """Each document's best chunk, top_k documents; fetches more chunks until top_k documents are found."""
+    """Each document's best point, top_k documents; fetches more points until top_k documents are found."""
     limit = top_k * CHUNK_OVERFETCH
     while True:
         hits = store.search(dense, text, top_k=limit, mode=mode)  # best first
-        best: dict[str, float] = {}
-        for hit in hits:
-            best.setdefault(hit.doc_id, hit.score)
+        best = best_hits(hits, top_k)
         if len(best) >= top_k or len(hits) < limit or limit >= points:
-            return dict(list(best.items())[:top_k])
+            return {hit.doc_id: hit.score for hit in best}
         limit *= 2
 
 
@@ -205,7 +208,6 @@ def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bo
     from diffembed.models.embedder import Embedder
 
     embedder = Embedder(cfg.embedder)
-    chunk = cfg.retrieval.encode.long_documents == "chunk"
     tasks: dict[str, dict[str, Any]] = {}
     primary: dict[str, tuple[str, float]] = {}
     timing: dict[str, float] = {}
@@ -215,7 +217,7 @@ def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bo
         for data in _datasets(task, beir, embedder.tokenizer):
             t0 = time.perf_counter()
             if cfg.retrieval.backend == "exact":
-                run = exact_run(embedder, data, cfg.retrieval.top_k, chunk, task.instruction)
+                run = exact_run(embedder, data, cfg.retrieval.top_k, task.instruction)
             else:
                 store_cfg = store_config(cfg, data.name)
                 indexing[data.name] = index_corpus(cfg, data, store_cfg)
@@ -241,9 +243,8 @@ def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bo
             "backend": cfg.retrieval.backend,
             "mode": cfg.retrieval.mode,
             "top_k": cfg.retrieval.top_k,
-            "long_documents": cfg.retrieval.encode.long_documents,
+            "documents": resolved.documents.model_dump(mode="json"),
             "max_length": resolved.max_length,
-            "chunk_overlap": resolved.chunk_overlap if chunk else None,
         },
         "timing_s": timing,
         **({"indexing": indexing} if indexing else {}),

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from diffembed.config import ConfigError, EmbedderConfig
+from diffembed.documents import Windows, titles_or_none
 from diffembed.models.loading import Backbone, load_backbone, quiet_transformers, with_saved_config
 from diffembed.models.pooling import finish, pool
 
@@ -29,12 +30,13 @@ class Segment:
     pool_mask: list[int]
     source: int  # index of the input text
     token_span: tuple[int, int]  # [start, end) in the text's content tokens (special tokens excluded)
-    char_span: tuple[int, int]  # [start, end) in the text as given (document prefix excluded)
+    char_span: tuple[int, int]  # [start, end) in the text as given (title, prefixes excluded)
+    text_tokens: int = 0  # content tokens of the whole text, so a caller can tell a window was cut short
 
 
 @dataclass
 class ChunkEmbeddings:
-    """One vector per token window, for multi-point indexing."""
+    """The vectors an index stores for documents: one per document, or one per window (multi-point)."""
 
     vectors: np.ndarray  # (M, D) float32
     text_index: np.ndarray  # (M,) which input text each window came from
@@ -64,6 +66,9 @@ class Embedder:
         # The resolved config: every default is filled in, so it can be saved next to exported weights.
         attention = self.backbone.attention
         pooling = config.pooling or self.backbone.family.default_pooling(attention)
+        if pooling == "cls" and attention == "causal":
+            raise ConfigError("cls pooling with causal attention reads a token that sees only itself; "
+                              "use pooling last or mean, or bidirectional attention")
         self.config = config.model_copy(
             update={
                 "family": self.backbone.family.name,
@@ -118,12 +123,18 @@ class Embedder:
             return ""
         return self.config.query_template.format(instruction=instruction)
 
-    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """Content token ids (no special tokens) and character offsets of each text, never truncated."""
         if not texts:
             return [], []
         with quiet_transformers():  # no "longer than the maximum" warning: windows are cut below
             enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], enc["offset_mapping"]
+
+    def _tokenize_unique(self, texts: list[str]) -> dict[str, list[int]]:
+        unique = sorted(set(texts))
+        ids, _ = self.tokenize(unique)
+        return dict(zip(unique, ids))
 
     def _wrap(self, ids: list[int], pool_mask: list[int]) -> tuple[list[int], list[int]]:
         return (
@@ -137,6 +148,9 @@ class Embedder:
         """One segment per query: instruction prefix + query, truncated at the end (the instruction stays).
 
         `instruction` is one for all queries, or one per query (training rows carry their own).
+        The prefix (without its trailing whitespace) and the query (with it, so a byte-level BPE sees " word"
+        as in running text) are tokenised separately and joined, so instruction and query never share a
+        token and excluding the instruction from mean pooling is exact on token boundaries.
         """
         texts = validate_texts(texts, "queries")
         if instruction is None or isinstance(instruction, str):
@@ -145,48 +159,64 @@ class Embedder:
             raise ValueError(f"got {len(instruction)} instructions for {len(texts)} queries")
         else:
             prefixes = [self.query_prefix(ins) for ins in instruction]
-        ids, offsets = self._tokenize([p + t for p, t in zip(prefixes, texts)])
+        cores = [p.rstrip() for p in prefixes]
+        tails = [p[len(c):] for p, c in zip(prefixes, cores)]
+        core_ids = self._tokenize_unique([c for c in cores if c])
+        ids, offsets = self.tokenize([tail + t for tail, t in zip(tails, texts)])
         budget = self.content_budget
+        exclude = self.config.exclude_instruction_from_pooling and self.config.pooling == "mean"
         segments = []
-        for i, (tok, off, prefix) in enumerate(zip(ids, offsets, prefixes)):
-            tok, off = tok[:budget], off[:budget]
-            exclude = bool(prefix) and self.config.exclude_instruction_from_pooling and self.config.pooling == "mean"
-            # A token belongs to the instruction when it starts inside the prefix's characters.
-            mask = [0 if exclude and start < len(prefix) else 1 for start, _ in off]
-            if exclude and not any(mask):
-                raise ValueError(f"queries[{i}] has no tokens left after the instruction at max_length")
-            seg_ids, seg_mask = self._wrap(tok, mask)
-            end_char = max(0, (off[-1][1] if off else 0) - len(prefix))
-            segments.append(Segment(seg_ids, seg_mask, i, (0, len(tok)), (0, end_char)))
+        for i, (tok, off, core, tail) in enumerate(zip(ids, offsets, cores, tails)):
+            instr = core_ids.get(core, []) if core else []
+            keep = budget - len(instr)
+            if keep < 1 or not tok:
+                raise ValueError(f"queries[{i}] has no tokens left after the instruction at "
+                                 f"max_length={self.config.max_length}")
+            tok, off = tok[:keep], off[:keep]
+            mask = [0 if exclude else 1] * len(instr) + [1] * len(tok)
+            seg_ids, seg_mask = self._wrap(instr + tok, mask)
+            end_char = max(0, off[-1][1] - len(tail))
+            segments.append(Segment(seg_ids, seg_mask, i, (0, len(tok)), (0, end_char), len(ids[i])))
         return segments
 
-    def document_segments(self, texts: Sequence[str], chunk: bool | None = None) -> list[Segment]:
-        """Token windows of each document: one truncated window, or overlapping windows covering it all."""
+    def document_segments(
+        self, texts: Sequence[str], titles: Sequence[str | None] | None = None, windows: Windows | None = None
+    ) -> list[Segment]:
+        """The token windows of each document under the document policy (`config.documents`).
+
+        The title is joined as the policy says, and the policy's prefix goes before the content of every
+        window. `windows` overrides the policy's (training embeds one `first` window per document).
+        Character spans are relative to the text (the joined title excluded).
+        """
         texts = validate_texts(texts, "documents")
-        chunk = self.config.long_inputs == "chunk" if chunk is None else chunk
-        pre = self.config.document_prefix
-        ids, offsets = self._tokenize([pre + t for t in texts])
-        budget = self.content_budget
-        stride = budget - min(self.config.chunk_overlap, budget // 2) if chunk else budget
+        titles = titles_or_none(titles, len(texts))
+        policy = self.config.documents
+        windows = windows or policy.windows
+        prefix_ids = self._tokenize_unique([policy.prefix])[policy.prefix] if policy.prefix else []
+        budget = self.content_budget - len(prefix_ids)
+        if budget < 1:
+            raise ConfigError(f"documents.prefix leaves no room for content at max_length={self.config.max_length}")
+        ids, offsets = self.tokenize([policy.join(t, ti) for t, ti in zip(texts, titles)])
+        stride = budget - min(policy.overlap, budget // 2)
         segments = []
-        for i, (tok, off) in enumerate(zip(ids, offsets)):
-            starts = range(0, max(len(tok) - budget, 0) + 1, stride) if chunk else [0]
-            starts = list(starts)
-            if chunk and starts[-1] + budget < len(tok):
-                starts.append(starts[-1] + stride)  # cover the tail
+        for i, (tok, off, title) in enumerate(zip(ids, offsets, titles)):
+            shift = policy.title_offset(title)
+            starts = [0]
+            if windows != "first":
+                starts = list(range(0, max(len(tok) - budget, 0) + 1, stride))
+                if starts[-1] + budget < len(tok):
+                    starts.append(starts[-1] + stride)  # cover the tail
             for start in starts:
                 end = min(start + budget, len(tok))
-                seg_ids, seg_mask = self._wrap(tok[start:end], [1] * (end - start))
-                chars = (
-                    (max(0, off[start][0] - len(pre)), max(0, off[end - 1][1] - len(pre))) if end > start else (0, 0)
-                )
-                segments.append(Segment(seg_ids, seg_mask, i, (start, end), chars))
+                seg_ids, seg_mask = self._wrap(prefix_ids + tok[start:end], [1] * (len(prefix_ids) + end - start))
+                chars = (max(0, off[start][0] - shift), max(0, off[end - 1][1] - shift)) if end > start else (0, 0)
+                segments.append(Segment(seg_ids, seg_mask, i, (start, end), chars, len(tok)))
         return segments
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens each text costs as a document (after truncation), for usage accounting."""
+        """Tokens each text costs as a document (every window, special tokens included), for usage accounting."""
         per_text = [0] * len(texts)
-        for seg in self.document_segments(texts, chunk=False):
+        for seg in self.document_segments(texts):
             per_text[seg.source] += len(seg.ids)
         return per_text
 
@@ -238,13 +268,45 @@ class Embedder:
         return groups
 
     @torch.inference_mode()
-    def _pooled_segments(self, segments: Sequence[Segment]) -> torch.Tensor:
-        """(S, H) pooled vectors in segment order, computed in token-budget batches."""
+    def embed_segments(self, segments: Sequence[Segment]) -> torch.Tensor:
+        """(S, H) float32 pooled vectors in segment order, computed in token-budget batches (no gradient).
+
+        The segment-level entry point for callers that batch segments themselves (Serve): follow it with
+        `document_vectors` / `finish`.
+        """
         out = torch.empty((len(segments), self.hidden_size), dtype=torch.float32)
         for group in self.batches(segments):
             vectors = self.pooled(self.collate([segments[i] for i in group]))
             out[torch.tensor(group)] = vectors.cpu()
         return out
+
+    def finish(self, pooled: torch.Tensor, dimensions: int | None = None, normalize: bool | None = None) -> np.ndarray:
+        """(N, H) pooled -> (N, D) float32 embeddings: Matryoshka truncation and normalisation as configured
+        (or as overridden per call)."""
+        dims = self.config.dimensions if dimensions is None else dimensions
+        norm = self.config.normalize if normalize is None else normalize
+        return finish(pooled, dims, norm).numpy().astype(np.float32, copy=False)
+
+    def document_vectors(self, segments: Sequence[Segment], pooled: torch.Tensor, n_texts: int) -> torch.Tensor:
+        """(S, H) pooled windows -> (N, H) one vector per document, under the policy.
+
+        `first` has one window per document; `mean` averages a document's windows weighted by the tokens each
+        pooled; `best` has no single vector for a document of several windows (ValueError naming it).
+        """
+        counts = np.bincount([s.source for s in segments], minlength=n_texts)
+        if len(segments) == n_texts and (counts == 1).all():
+            out = torch.empty_like(pooled)
+            out[torch.tensor([s.source for s in segments])] = pooled
+            return out
+        if self.config.documents.windows == "best":
+            i = int(np.flatnonzero(counts > 1)[0])
+            raise ValueError(f"documents[{i}] spans {counts[i]} windows and the document policy scores windows "
+                             "separately (documents.windows: best); embed its windows with encode_document_windows")
+        weights = torch.tensor([float(sum(s.pool_mask)) for s in segments])  # (S,)
+        index = torch.tensor([s.source for s in segments])  # (S,)
+        total = torch.zeros((n_texts, pooled.shape[1])).index_add_(0, index, pooled * weights[:, None])
+        norm = torch.zeros(n_texts).index_add_(0, index, weights)
+        return total / norm[:, None]
 
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.dimension), dtype=np.float32)
@@ -258,45 +320,48 @@ class Embedder:
         segments = self.query_segments(texts, instruction)
         if not segments:
             return self._empty()
-        return finish(self._pooled_segments(segments), self.config.dimensions, self.config.normalize).numpy()
+        return self.finish(self.embed_segments(segments))
 
-    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, D) float32, input order; long documents truncated or chunked-and-averaged per config."""
-        segments = self.document_segments(texts)
+    def encode_documents(self, texts: Sequence[str], titles: Sequence[str | None] | None = None) -> np.ndarray:
+        """(N, D) float32, input order: one vector per document under the document policy (`first` / `mean`;
+        under `best` a document of several windows is an error — see `encode_document_windows`)."""
+        segments = self.document_segments(texts, titles)
         if not segments:
             return self._empty()
-        pooled = self._pooled_segments(segments)  # (S, H)
-        if len(segments) != len(texts):
-            pooled = self._aggregate(segments, pooled, len(texts))
-        return finish(pooled, self.config.dimensions, self.config.normalize).numpy()
+        return self.finish(self.document_vectors(segments, self.embed_segments(segments), len(texts)))
 
-    def encode_document_chunks(self, texts: Sequence[str], chunk: bool = True) -> ChunkEmbeddings:
-        """Every window of every document as its own vector, with token and character spans.
+    def encode_document_windows(self, texts: Sequence[str], titles: Sequence[str | None] | None = None
+                                ) -> ChunkEmbeddings:
+        """What the index stores for each document under the policy: one row per document (`first`, `mean`)
+        or one row per window (`best`), grouped by document in input order, with token and character spans.
 
-        With `chunk=False` each document is one (truncated) window: same output type, one row per text.
+        A `mean` document's row spans all of its windows.
         """
-        segments = self.document_segments(texts, chunk=chunk)
-        if segments:
-            vectors = finish(self._pooled_segments(segments), self.config.dimensions, self.config.normalize).numpy()
-        else:
-            vectors = self._empty()
+        segments = self.document_segments(texts, titles)
+        if not segments:
+            return ChunkEmbeddings(self._empty(), *(np.zeros(0, np.int64) for _ in range(2)),
+                                   np.zeros((0, 2), np.int64), np.zeros((0, 2), np.int64))
+        pooled = self.embed_segments(segments)
+        if self.config.documents.one_vector and len(segments) != len(texts):
+            pooled = self.document_vectors(segments, pooled, len(texts))
+            first: dict[int, Segment] = {}
+            last: dict[int, Segment] = {}
+            for seg in segments:
+                first.setdefault(seg.source, seg)
+                last[seg.source] = seg
+            segments = [
+                Segment([], [], i, (first[i].token_span[0], last[i].token_span[1]),
+                        (first[i].char_span[0], last[i].char_span[1]), first[i].text_tokens)
+                for i in range(len(texts))
+            ]
         chunk_index, seen = [], {}
         for seg in segments:
             chunk_index.append(seen.get(seg.source, 0))
             seen[seg.source] = chunk_index[-1] + 1
         return ChunkEmbeddings(
-            vectors=vectors,
+            vectors=self.finish(pooled),
             text_index=np.array([s.source for s in segments], dtype=np.int64),
             chunk_index=np.array(chunk_index, dtype=np.int64),
             token_spans=np.array([s.token_span for s in segments], dtype=np.int64).reshape(-1, 2),
             char_spans=np.array([s.char_span for s in segments], dtype=np.int64).reshape(-1, 2),
         )
-
-    @staticmethod
-    def _aggregate(segments: Sequence[Segment], pooled: torch.Tensor, n_texts: int) -> torch.Tensor:
-        """One vector per text: windows averaged, weighted by how many tokens each pooled."""
-        weights = torch.tensor([float(sum(s.pool_mask)) for s in segments])  # (S,)
-        index = torch.tensor([s.source for s in segments])  # (S,)
-        total = torch.zeros((n_texts, pooled.shape[1])).index_add_(0, index, pooled * weights[:, None])
-        norm = torch.zeros(n_texts).index_add_(0, index, weights)
-        return total / norm[:, None]

@@ -35,8 +35,9 @@ class AutoscalingArgs(ConfigModel):
 class EncoderArgs(ConfigModel):
     """The encoder deployment: how requests are batched and how many replicas run it, on what."""
 
-    max_batch_tokens: int = Field(
-        8192, ge=64, description="@serve.batch max size, in tokens (padded segment lengths summed over the batch)."
+    max_batch_tokens: int | None = Field(
+        None, ge=64, description="@serve.batch max size, in tokens (segment lengths summed over the batch). "
+        "Default: the embedder's max_batch_tokens, so a Serve batch is one forward pass.",
     )
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill up.")
     num_replicas: int | None = Field(1, ge=1, description="Fixed replica count; ignored when autoscaling is set.")

@@ -18,14 +18,17 @@ import numpy as np
 from ray import serve
 
 from diffembed.config import EmbedderConfig
+from diffembed.serving.errors import InvalidInput
 
 log = logging.getLogger("ray.serve")
 
 Kind = Literal["query", "document"]
 
 
-class InputTooLong(ValueError):
-    """An input exceeds max_length and the request asked not to truncate."""
+class InputTooLong(InvalidInput):
+    """An input does not fit one window (or the policy's windows) and the request asked not to truncate."""
+
+    code = "input_too_long"
 
 
 @dataclass
@@ -55,8 +58,8 @@ class _TokenBudgetWarningFilter(logging.Filter):
 class EncoderImpl:
     """The deployment's body, usable without Serve (tests and the in-process benchmark baseline)."""
 
-    def __init__(self, embedder: dict[str, Any], max_batch_tokens: int = 8192, batch_wait_timeout_s: float = 0.005,
-                 torch_threads: int | None = None):
+    def __init__(self, embedder: dict[str, Any], max_batch_tokens: int | None = None,
+                 batch_wait_timeout_s: float = 0.005, torch_threads: int | None = None):
         import torch
 
         from diffembed.models.embedder import Embedder
@@ -65,8 +68,9 @@ class EncoderImpl:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
-        self.max_batch_tokens = max_batch_tokens
-        self._retune(max_batch_tokens, batch_wait_timeout_s)
+        # One token budget: a Serve batch holds what the Embedder runs in one forward pass, unless retuned.
+        self.max_batch_tokens = max_batch_tokens or self.embedder.config.max_batch_tokens
+        self._retune(self.max_batch_tokens, batch_wait_timeout_s)
 
     # -- configuration --------------------------------------------------------------------------------
 
@@ -79,7 +83,7 @@ class EncoderImpl:
         """Serve calls this on `user_config` changes: retune batching without a redeploy."""
         user_config = user_config or {}
         self._retune(
-            user_config.get("max_batch_tokens", self.max_batch_tokens),
+            user_config.get("max_batch_tokens") or self.max_batch_tokens,
             user_config.get("batch_wait_timeout_s", self._run._get_batch_wait_timeout_s()),
         )
         log.info("encoder retuned: max_batch_tokens=%s batch_wait_timeout_s=%s", self.max_batch_tokens,
@@ -94,7 +98,8 @@ class EncoderImpl:
     def info(self) -> dict[str, Any]:
         cfg = self.embedder.config
         return {"model": cfg.model, "dimension": self.embedder.dimension, "hidden_size": self.embedder.hidden_size,
-                "max_length": cfg.max_length, "normalize": cfg.normalize, "long_inputs": cfg.long_inputs}
+                "max_length": cfg.max_length, "normalize": cfg.normalize,
+                "documents": cfg.documents.model_dump(mode="json")}
 
     def ready(self) -> bool:
         return True
@@ -102,32 +107,42 @@ class EncoderImpl:
     # -- encoding -------------------------------------------------------------------------------------
 
     def _segments(self, texts: list[str], kind: Kind, instruction: str | None, truncate: bool) -> list[list]:
+        """Each text's segments (source 0), built by the Embedder under its query format / document policy.
+
+        Without `truncate`, an input that does not fit is an error rather than silently cut: a query or a
+        `first`-policy document longer than max_length, or a `best`-policy document of several windows (it
+        has no single vector; with `truncate` it gets its first window's, the index's point 0).
+        """
         emb = self.embedder
-        if not truncate:
-            chunked = kind == "document" and emb.config.long_inputs == "chunk"
-            if not chunked:
-                pre = emb.query_prefix(instruction) if kind == "query" else emb.config.document_prefix
-                ids, _ = emb._tokenize([pre + t for t in texts])
-                for i, tok in enumerate(ids):
-                    if len(tok) > emb.content_budget:
-                        raise InputTooLong(
-                            f"input[{i}] has {len(tok) + len(emb._prefix) + len(emb._suffix)} tokens, more than "
-                            f"max_length={emb.config.max_length}; shorten it or send truncate=true"
-                        )
-        segs = emb.query_segments(texts, instruction) if kind == "query" else emb.document_segments(texts)
+        if kind == "query":
+            segs = emb.query_segments(texts, instruction)
+        else:
+            segs = emb.document_segments(texts, windows="first" if truncate else None)
         per_text: list[list] = [[] for _ in texts]
         for seg in segs:
             per_text[seg.source].append(dataclasses.replace(seg, source=0))
+        if not truncate:
+            policy = emb.config.documents.windows
+            for i, segments in enumerate(per_text):
+                if kind == "document" and policy == "best" and len(segments) > 1:
+                    raise InputTooLong(
+                        f"input[{i}] spans {len(segments)} windows and the document policy scores windows "
+                        "separately (documents.windows: best); send truncate=true for its first window"
+                    )
+                if (kind == "query" or policy == "first") and segments[0].token_span[1] < segments[0].text_tokens:
+                    total = segments[0].text_tokens + len(segments[0].ids) - (
+                        segments[0].token_span[1] - segments[0].token_span[0])
+                    raise InputTooLong(
+                        f"input[{i}] has {total} tokens, more than max_length={emb.config.max_length}; "
+                        "shorten it or send truncate=true"
+                    )
         return per_text
 
     def _compute(self, items: list[Item]) -> np.ndarray:
-        """(len(items), H) pooled, un-normalised vectors; multi-window items averaged as the Embedder does."""
+        """(len(items), H) pooled, un-normalised vectors: one per item under the document policy."""
         emb = self.embedder
         segments = [dataclasses.replace(s, source=i) for i, item in enumerate(items) for s in item.segments]
-        pooled = emb._pooled_segments(segments)
-        if len(segments) != len(items):
-            pooled = emb._aggregate(segments, pooled, len(items))
-        return pooled.numpy()
+        return emb.document_vectors(segments, emb.embed_segments(segments), len(items)).numpy()
 
     @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.005, max_concurrent_batches=1, batch_size_fn=batch_tokens)
     async def _run(self, items: list[Item]) -> list[np.ndarray]:
@@ -137,26 +152,39 @@ class EncoderImpl:
     async def embed(self, texts: list[str], kind: Kind = "document", instruction: str | None = None,
                     truncate: bool = True, dimensions: int | None = None,
                     normalize: bool | None = None) -> EncodeResult:
-        """Vectors for `texts` as `Embedder.encode_documents`/`encode_queries` gives them.
+        """Vectors for `texts` as `Embedder.encode_documents`/`encode_queries` gives them, micro-batched with
+        other requests by @serve.batch.
 
         `dimensions` (Matryoshka) keeps the first N of the model's dimensions; `normalize` overrides the config.
         """
-        import torch
+        items = self._items(texts, kind, instruction, truncate, dimensions)
+        pooled = await asyncio.gather(*(self._run(item) for item in items))
+        return self._result(items, pooled, dimensions, normalize)
 
-        from diffembed.models.pooling import finish
+    def embed_unbatched(self, texts: list[str], kind: Kind = "document", instruction: str | None = None,
+                        truncate: bool = True, dimensions: int | None = None,
+                        normalize: bool | None = None) -> EncodeResult:
+        """`embed` without Serve's micro-batching (the same segments, vectors and finishing): for tests and the
+        in-process benchmark baseline, where no replica context exists."""
+        items = self._items(texts, kind, instruction, truncate, dimensions)
+        return self._result(items, list(self._compute(items)) if items else [], dimensions, normalize)
 
-        cfg = self.embedder.config
+    def _items(self, texts: list[str], kind: Kind, instruction: str | None, truncate: bool,
+               dimensions: int | None) -> list[Item]:
         if dimensions is not None and not 1 <= dimensions <= self.embedder.dimension:
             raise ValueError(f"dimensions must be between 1 and {self.embedder.dimension}")
         per_text = self._segments(list(texts), kind, instruction, truncate)
-        items = [Item(segs, min(sum(len(s.ids) for s in segs), self.max_batch_tokens)) for segs in per_text]
-        pooled = await asyncio.gather(*(self._run(item) for item in items))
-        tokens = [sum(len(s.ids) for s in segs) for segs in per_text]
+        return [Item(segs, min(sum(len(s.ids) for s in segs), self.max_batch_tokens)) for segs in per_text]
+
+    def _result(self, items: list[Item], pooled: list[np.ndarray], dimensions: int | None,
+                normalize: bool | None) -> EncodeResult:
+        import torch
+
+        tokens = [sum(len(s.ids) for s in item.segments) for item in items]
         if not pooled:
             return EncodeResult(np.zeros((0, dimensions or self.embedder.dimension), np.float32), tokens)
-        vectors = finish(torch.from_numpy(np.stack(pooled)), dimensions or cfg.dimensions,
-                         cfg.normalize if normalize is None else normalize)
-        return EncodeResult(vectors.numpy().astype(np.float32, copy=False), tokens)
+        vectors = self.embedder.finish(torch.from_numpy(np.stack(pooled)), dimensions, normalize)
+        return EncodeResult(vectors, tokens)
 
 
 def encoder_deployment(args) -> serve.Deployment:

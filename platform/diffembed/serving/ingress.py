@@ -2,6 +2,8 @@
 
 Every handler reads the raw body itself (size limit before parsing, JSON errors as 400, schema errors as 422),
 so no client input can produce a 500; every error body is `{"error": {"message", "type", "code"}}`.
+The deployments' typed errors (`diffembed.serving.errors`, under Ray's RayTaskError wrapping) become HTTP
+statuses in one place, `client_error`: InvalidInput/BadSearchRequest -> 422, StoreUnavailable -> 503.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class on the route methods.
@@ -12,15 +14,17 @@ import hmac
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable, Literal
+from typing import Annotated, Any, Awaitable, Callable, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from diffembed.serving.errors import InvalidInput, StoreUnavailable, message_of, unwrap
 
 log = logging.getLogger("ray.serve")
 
@@ -33,6 +37,19 @@ class APIError(Exception):
 
 def error_response(status: int, message: str, type: str, code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type, "code": code}}, status_code=status)
+
+
+def client_error(exc: BaseException) -> APIError | None:
+    """The HTTP error a deployment's typed exception (under any RayTaskError wrapping) stands for; None for an
+    internal failure (a 500)."""
+    cause = unwrap(exc)
+    if isinstance(cause, APIError):
+        return cause
+    if isinstance(cause, StoreUnavailable):
+        return APIError(503, message_of(cause), "service_unavailable", "store_unavailable")
+    if isinstance(cause, InvalidInput):
+        return APIError(422, message_of(cause), code=getattr(cause, "code", None) or "invalid_input")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- request models
@@ -57,12 +74,28 @@ class EmbedRequest(_Req):
     dimensions: StrictInt | None = Field(None, ge=1)
 
 
+# Qdrant stores integers as int64: a larger one is rejected by a server (and never matches anything).
+FilterInt = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+
+
 class SearchRequest(_Req):
     query: StrictStr
     top_k: StrictInt = Field(10, ge=1)
-    filter: dict[str, StrictStr | StrictInt | StrictBool | list[StrictStr | StrictInt | StrictBool]] | None = None
+    filter: dict[str, StrictStr | FilterInt | StrictBool | list[StrictStr | FilterInt | StrictBool]] | None = None
     mode: Literal["dense", "sparse", "hybrid"] = "dense"
     instruction: StrictStr | None = None
+
+    @field_validator("filter")
+    @classmethod
+    def _filter_matches(cls, spec):
+        # a list becomes a Qdrant MatchAny, which holds only strings or only integers (not booleans)
+        for key, value in (spec or {}).items():
+            if not key.strip():
+                raise ValueError("a filter key must be a non-empty payload path")
+            if isinstance(value, list) and not (all(isinstance(v, str) for v in value) or all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value)):
+                raise ValueError(f"filter {key!r}: a list must hold only strings or only integers")
+        return spec
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -117,11 +150,13 @@ class IngressImpl:
                 self._check_auth(request)
             result = await handler()
             response = result if isinstance(result, JSONResponse) else JSONResponse(result)
-        except APIError as exc:
-            response = error_response(exc.status, exc.message, exc.type, exc.code)
-        except Exception as exc:  # an internal failure: logged, reported as 500 with a JSON body
-            log.exception("unhandled error on %s", route)
-            response = error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+        except Exception as exc:
+            error = client_error(exc)
+            if error is None:  # an internal failure: logged, reported as 500 with a JSON body
+                log.exception("unhandled error on %s", route)
+                response = error_response(500, f"internal error: {type(unwrap(exc)).__name__}", "server_error")
+            else:
+                response = error_response(error.status, error.message, error.type, error.code)
         self.requests.inc(tags={"route": route, "status": str(response.status_code)})
         self.latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
         return response
@@ -150,6 +185,8 @@ class IngressImpl:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(422, "request body must be a JSON object", code="invalid_body")
         try:
@@ -172,6 +209,11 @@ class IngressImpl:
                                f"{self.limits.max_chars_per_input}", code="input_too_long")
         return texts
 
+    def _instruction(self, instruction: str | None) -> None:
+        if instruction is not None and len(instruction) > self.limits.max_chars_per_input:
+            raise APIError(413, f"'instruction' has {len(instruction)} characters; at most "
+                           f"{self.limits.max_chars_per_input}", code="input_too_long")
+
     async def _info_cached(self) -> dict[str, Any]:
         if self._info is None:
             self._info = await self.encoder.info.remote()
@@ -190,10 +232,14 @@ class IngressImpl:
         try:
             return await self.encoder.embed.remote(texts, **kwargs)
         except Exception as exc:
-            cause = getattr(exc, "cause", exc)
-            if isinstance(exc, InputTooLong) or isinstance(cause, InputTooLong):
-                raise APIError(422, str(cause).splitlines()[-1] if isinstance(cause, InputTooLong) else str(exc),
-                               code="input_too_long") from None
+            cause = unwrap(exc)
+            if isinstance(cause, InputTooLong):
+                raise APIError(422, message_of(cause), code="input_too_long") from None
+            if isinstance(cause, ValueError):
+                # the Embedder refused the caller's input (e.g. an instruction that leaves a query no tokens
+                # at max_length); inputs reach it validated, so a ValueError there is about the input
+                code = cause.code if isinstance(cause, InvalidInput) else "invalid_input"
+                raise APIError(422, message_of(cause), code=code) from None
             raise
 
     # -- routes ---------------------------------------------------------------------------------------
@@ -223,6 +269,7 @@ class IngressImpl:
         async def handle():
             req: EmbedRequest = await self._parse(request, EmbedRequest)
             texts = self._texts(req.inputs, "inputs")
+            self._instruction(req.instruction)
             kind = "query" if req.instruction is not None else "document"
             result = await self._embed(texts, kind=kind, instruction=req.instruction, truncate=req.truncate,
                                        dimensions=req.dimensions, normalize=req.normalize)
@@ -237,21 +284,15 @@ class IngressImpl:
                 raise APIError(404, "search is not configured (no store in the serving config)", "not_found_error")
             req: SearchRequest = await self._parse(request, SearchRequest)
             self._texts(req.query, "query")
+            self._instruction(req.instruction)
             if req.top_k > self.limits.max_top_k:
                 raise APIError(422, f"top_k must be at most {self.limits.max_top_k}", code="invalid_top_k")
             if req.mode != "dense" and not self.args.store.sparse:
                 raise APIError(422, f"{req.mode} search needs a collection with BM25 vectors (store.sparse=true)",
                                code="mode_unavailable")
-            from diffembed.serving.retriever import StoreUnavailable
-
-            try:
-                results = await self.retriever.search.remote(req.query, top_k=req.top_k, mode=req.mode,
-                                                             filter=req.filter, instruction=req.instruction)
-            except Exception as exc:
-                cause = getattr(exc, "cause", exc)
-                if isinstance(cause, StoreUnavailable):
-                    raise APIError(503, str(cause), "service_unavailable", "store_unavailable") from None
-                raise
+            # the retriever raises InvalidInput/BadSearchRequest (422) or StoreUnavailable (503): see client_error
+            results = await self.retriever.search.remote(req.query, top_k=req.top_k, mode=req.mode,
+                                                         filter=req.filter, instruction=req.instruction)
             return {"object": "list", "mode": req.mode, "data": results}
 
         return await self._serve(request, "/search", handle)

@@ -8,22 +8,26 @@ process, so with a path this deployment always runs exactly one replica.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from ray import serve
 
+from diffembed.documents import best_hits
 from diffembed.index.config import StoreConfig
+from diffembed.serving.errors import BadSearchRequest, InvalidInput, StoreUnavailable, message_of, unwrap
+
+__all__ = ["BadSearchRequest", "InvalidInput", "StoreUnavailable", "RetrieverImpl", "classify_store_error",
+           "group_hits", "retriever_deployment"]
+
+log = logging.getLogger("ray.serve")
 
 CHUNK_OVERFETCH = 4  # chunks fetched per wanted document, before grouping by doc_id
 
 
 def group_hits(hits: list, top_k: int) -> list[dict[str, Any]]:
-    """Best chunk per doc_id, in score order (hits arrive best first), at most top_k documents."""
-    best: dict[str, Any] = {}
-    for hit in hits:
-        if hit.doc_id not in best:
-            best[hit.doc_id] = hit
-    docs = sorted(best.values(), key=lambda h: h.score, reverse=True)[:top_k]
+    """Each document's best point (hits arrive best first), at most top_k documents, as JSON-ready dicts."""
     return [
         {
             "doc_id": h.doc_id,
@@ -33,12 +37,115 @@ def group_hits(hits: list, top_k: int) -> list[dict[str, Any]]:
             "token_span": list(h.token_span),
             "payload": h.payload,
         }
-        for h in docs
+        for h in best_hits(hits, top_k)
     ]
 
 
-class StoreUnavailable(RuntimeError):
-    """Qdrant is unreachable or the collection does not exist (yet): the ingress answers 503."""
+# Statuses a Qdrant server answers when the request itself is wrong (a bad filter path or value, a bad field).
+# 404 is a missing collection; 401/403 (our API key), 408/429 (load) and 5xx are the store's side: 503.
+_CLIENT_STATUSES = {400, 413, 422}
+_CLIENT_GRPC_CODES = {"INVALID_ARGUMENT", "OUT_OF_RANGE"}
+
+
+def _response_detail(exc) -> str:
+    """The error text of a Qdrant REST error body (`{"status": {"error": ...}}`), else the raw body."""
+    try:
+        detail = exc.structured()["status"]["error"]
+    except Exception:
+        detail = exc.content.decode("utf-8", "replace") if isinstance(exc.content, bytes) else str(exc.content)
+    return " ".join(str(detail).split())[:500] or (exc.reason_phrase or "")
+
+
+def _grpc_code(exc: BaseException) -> str | None:
+    try:
+        import grpc
+    except ImportError:  # pragma: no cover - qdrant-client depends on grpcio
+        return None
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        code = exc.code()
+        return getattr(code, "name", str(code))
+    return None
+
+
+def _validation_text(exc: BaseException) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in errors()[:3])
+        except Exception:
+            pass
+    return message_of(exc)
+
+
+def classify_store_error(
+    exc: BaseException,
+    *,
+    collection_exists: Callable[[], bool] | None = None,
+    missing: str = "the collection does not exist",
+    caller_input: bool = True,
+) -> BadSearchRequest | StoreUnavailable:
+    """What a failed Qdrant call means for the caller: `BadSearchRequest` (422) or `StoreUnavailable` (503).
+
+    - a 400/413/422 response, a gRPC INVALID_ARGUMENT/OUT_OF_RANGE, or a client-side ValueError/TypeError
+      (qdrant-client's request models, local mode's checks): the request was wrong -> BadSearchRequest;
+    - a 404 response or gRPC NOT_FOUND (local mode: a ValueError while `collection_exists()` is False):
+      the collection is missing -> StoreUnavailable(`missing`);
+    - connection errors, timeouts, 401/403/408/429/5xx and anything else -> StoreUnavailable.
+
+    `caller_input=False` says the call carried nothing from the caller that the store could reject (no
+    filter): a rejected request is then the deployment's problem (e.g. a collection of another dimension),
+    reported as StoreUnavailable too.
+    """
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    exc = unwrap(exc)
+    if isinstance(exc, (BadSearchRequest, StoreUnavailable)):
+        return exc
+
+    def rejected(detail: str) -> BadSearchRequest | StoreUnavailable:
+        if caller_input:
+            return BadSearchRequest(f"the store rejected the search: {detail}")
+        return StoreUnavailable(f"the store rejected the search (check the collection and the model): {detail}")
+
+    if isinstance(exc, UnexpectedResponse):
+        status = exc.status_code
+        if status == 404:
+            return StoreUnavailable(missing)
+        if status in _CLIENT_STATUSES:
+            return rejected(_response_detail(exc))
+        return StoreUnavailable(f"Qdrant unavailable: HTTP {status}: {_response_detail(exc)}")
+    code = _grpc_code(exc)
+    if code is not None:
+        details = exc.details() if callable(getattr(exc, "details", None)) else None
+        detail = " ".join(str(details or code).split())[:500]
+        if code == "NOT_FOUND":
+            return StoreUnavailable(missing)
+        if code in _CLIENT_GRPC_CODES:
+            return rejected(detail)
+        return StoreUnavailable(f"Qdrant unavailable: gRPC {code}: {detail}")
+    if isinstance(exc, ResponseHandlingException):  # transport errors (and unparsable responses)
+        source = getattr(exc, "source", None) or exc
+        return StoreUnavailable(f"Qdrant unavailable: {type(source).__name__}: {message_of(source)}")
+    if isinstance(exc, (ValueError, TypeError)):  # client-side: request models, local mode's own checks
+        if collection_exists is not None and not collection_exists():
+            return StoreUnavailable(missing)
+        return rejected(_validation_text(exc))
+    return StoreUnavailable(f"Qdrant unavailable: {type(exc).__name__}: {message_of(exc)}")
+
+
+def check_filter(spec: dict[str, Any] | None) -> None:
+    """BadSearchRequest naming the first filter entry that cannot become a Qdrant condition."""
+    from diffembed.index.store import payload_filter
+
+    for key, value in (spec or {}).items():
+        try:
+            payload_filter({key: value})
+        except (ValueError, TypeError) as exc:
+            if isinstance(value, (list, tuple)):
+                why = "a list must hold only strings or only integers"
+            else:
+                why = _validation_text(exc)
+            raise BadSearchRequest(f"filter {key!r}: {why}") from None
 
 
 class RetrieverImpl:
@@ -50,17 +157,19 @@ class RetrieverImpl:
         self.encoder = encoder
         self._lock = asyncio.Lock()  # the local client is not meant for concurrent use
 
-    async def _store_call(self, fn, *args, **kwargs):
+    async def _store_call(self, fn, *args, caller_input: bool = False, **kwargs):
+        """Run a store call in a thread; its failure becomes BadSearchRequest (422) or StoreUnavailable (503)."""
         async with self._lock:
             try:
                 return await asyncio.to_thread(fn, *args, **kwargs)
-            except (ValueError, TypeError):  # a bad filter value: the caller's fault
-                exists = await asyncio.to_thread(self._exists)
-                if not exists:
-                    raise StoreUnavailable(self._missing()) from None
-                raise
             except Exception as exc:
-                raise StoreUnavailable(f"Qdrant unavailable: {type(exc).__name__}: {exc}") from None
+                error = await asyncio.to_thread(
+                    classify_store_error, exc, collection_exists=self._exists, missing=self._missing(),
+                    caller_input=caller_input,
+                )
+            if isinstance(error, StoreUnavailable):
+                log.warning("store call %s failed: %s", getattr(fn, "__name__", fn), error)
+            raise error from None
 
     def _exists(self) -> bool:
         try:
@@ -78,12 +187,19 @@ class RetrieverImpl:
 
     async def search(self, query: str, top_k: int = 10, mode: str = "dense", filter: dict | None = None,
                      instruction: str | None = None) -> list[dict[str, Any]]:
+        check_filter(filter)
         dense = None
         if mode != "sparse":
-            result = await self.encoder.embed.remote([query], kind="query", instruction=instruction)
+            try:
+                result = await self.encoder.embed.remote([query], kind="query", instruction=instruction)
+            except Exception as exc:
+                cause = unwrap(exc)
+                if isinstance(cause, ValueError):  # the Embedder refused the caller's query or instruction
+                    raise InvalidInput(message_of(cause)) from None
+                raise
             dense = result.vectors[0]
         hits = await self._store_call(self.store.search, dense, query, top_k=top_k * CHUNK_OVERFETCH, mode=mode,
-                                      filter=filter)
+                                      filter=filter, caller_input=bool(filter))
         return group_hits(hits, top_k)
 
     def __del__(self):

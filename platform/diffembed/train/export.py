@@ -1,7 +1,7 @@
 """Export: rebuild full fp32 weights from the final DeepSpeed checkpoint, merge LoRA, save a model directory.
 
 The export holds safetensors weights in a stock transformers layout (Dream -> Qwen2, LLaDA -> Llama), the
-tokenizer, `diffembed.json` (the resolved EmbedderConfig: attention, pooling, prompts) so that
+tokenizer, `diffembed.json` (the resolved embedding function: attention, pooling, prompts, document policy) so that
 `Embedder(EmbedderConfig(model=export_dir))` reproduces the trained embedder, the sentence-transformers
 module files for BERT-style bases, and a PNG loss curve.
 """
@@ -20,16 +20,14 @@ SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "con
 
 
 def export_from_checkpoint(cfg: TrainConfig, checkpoint, history: list[dict[str, Any]] | None = None) -> Path:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from diffembed.models.embedder import Embedder
-    from diffembed.train.loop import CKPT_TAG, build_trainable
+    from diffembed.train.loop import build_trainable, checkpoint_state_dict
 
     out = cfg.export_path
     embedder = Embedder(cfg.embedder.model_copy(update={"device": "cpu", "dtype": "fp32"}))
     model = build_trainable(embedder, cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"gradient_checkpointing": False})}))
     with checkpoint.as_directory() as ckpt_dir:
-        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=CKPT_TAG)
+        state = checkpoint_state_dict(ckpt_dir)  # DeepSpeed ZeRO shards or the torch backend's state dict
     missing, unexpected = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):
@@ -72,7 +70,9 @@ def layout_family(family: str) -> str:
 
 
 def write_embedder_config(directory: Path, config: EmbedderConfig, family: str) -> None:
-    data = config.model_dump(mode="json", exclude={"model", "device", "lora_adapter"})
+    """diffembed.json: the embedding function only (never dtype, device, batch budgets or the attention kernel:
+    those belong to the machine that loads the export)."""
+    data = config.embedding_function()
     data["family"] = family
     (directory / "diffembed.json").write_text(json.dumps(data, indent=2))
 

@@ -1,0 +1,103 @@
+"""The one document policy: how a document becomes what is stored, scored and served.
+
+A document is a text with an optional title. The policy says how the title joins the text, which prefix goes
+before the content of *every* token window, and how a document longer than one window is represented:
+
+- `first`: its first window only (the rest is cut off) — one vector per document;
+- `mean`:  every window embedded, the windows averaged (weighted by pooled tokens) — one vector per document;
+- `best`:  every window is its own vector (one index point each) and a document scores as its best window.
+
+Training, the batch job, evaluation, Serve and the MTEB adapter all read the policy from
+`EmbedderConfig.documents` and go through the Embedder, so the same document gets the same vector(s) on every
+path. The helpers below are the one implementation of "a document's score is its best window's score".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Literal, Self, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Windows = Literal["first", "mean", "best"]
+
+
+class DocumentPolicy(BaseModel):
+    """Part of `EmbedderConfig` (`documents:`), so it is saved with the embedding function in diffembed.json."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    title: Literal["prepend", "ignore"] = Field(
+        "prepend", description="prepend: the title goes before the text (as BEIR and MTEB encode it); ignore: text only."
+    )
+    title_separator: str = Field(" ", description="Between title and text when the title is prepended.")
+    prefix: str = Field("", description="Put before the content of every window (e.g. 'passage: ').")
+    windows: Windows = Field(
+        "first",
+        description="Documents longer than one window: first (truncate), mean (all windows averaged to one "
+        "vector), best (one vector per window; a document scores as its best window).",
+    )
+    overlap: int = Field(64, ge=0, description="Tokens shared by consecutive windows (mean / best).")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.prefix and not self.prefix.strip():
+            raise ValueError("documents.prefix is whitespace only")
+        return self
+
+    @property
+    def multi_window(self) -> bool:
+        return self.windows != "first"
+
+    @property
+    def one_vector(self) -> bool:
+        """Every document is one vector (first / mean); `best` stores one per window."""
+        return self.windows != "best"
+
+    def join(self, text: str, title: str | None = None) -> str:
+        """The document text as embedded (title joined as configured)."""
+        if title and title.strip() and self.title == "prepend":
+            return f"{title.strip()}{self.title_separator}{text}"
+        return text
+
+    def title_offset(self, title: str | None) -> int:
+        """Characters the joined title adds before the text (char spans are reported relative to the text)."""
+        if title and title.strip() and self.title == "prepend":
+            return len(title.strip()) + len(self.title_separator)
+        return 0
+
+
+def best_window_scores(scores: np.ndarray, text_index: np.ndarray) -> np.ndarray:
+    """(Q, M) window scores -> (Q, N) document scores, each document's best window.
+
+    `text_index` (M,) names each window's document; windows come grouped by document in document order (as
+    `Embedder.encode_document_windows` returns them).
+    """
+    if scores.shape[1] == 0:
+        return scores
+    starts = np.flatnonzero(np.r_[True, text_index[1:] != text_index[:-1]])  # (N,) first window of each doc
+    if len(starts) == scores.shape[1]:
+        return scores
+    return np.maximum.reduceat(scores, starts, axis=1)  # (Q, N)
+
+
+def best_hits(hits: Iterable[Any], top_k: int, doc_id=lambda h: h.doc_id) -> list[Any]:
+    """Hits ordered best first (one per window/point) -> each document's best hit, at most `top_k` documents."""
+    best: dict[str, Any] = {}
+    for hit in hits:
+        best.setdefault(doc_id(hit), hit)
+        if len(best) >= top_k:
+            break
+    return list(best.values())
+
+
+def titles_or_none(titles: Sequence[str | None] | None, n: int) -> list[str | None]:
+    if titles is None:
+        return [None] * n
+    titles = list(titles)
+    if len(titles) != n:
+        raise ValueError(f"got {len(titles)} titles for {n} documents")
+    for i, title in enumerate(titles):
+        if title is not None and not isinstance(title, str):
+            raise ValueError(f"titles[{i}] must be a string or null, got {type(title).__name__}")
+    return titles
