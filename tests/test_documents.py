@@ -20,7 +20,7 @@ INSTRUCTION = "Given a web search query, retrieve relevant passages"
 
 def content(emb: Embedder, seg):
     """(content ids, their pool mask) of a segment, special tokens stripped."""
-    n_pre, n_suf = len(emb._prefix), len(emb._suffix)  # the test may look at what the tokenizer adds
+    n_pre, n_suf = (len(ids) for ids in emb.special_tokens)
     end = len(seg.ids) - n_suf
     return seg.ids[n_pre:end], seg.pool_mask[n_pre:end]
 

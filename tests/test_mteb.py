@@ -30,7 +30,7 @@ from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.models import EncoderProtocol
 from mteb.types import PromptType
 
-from diffembed import EmbedderConfig
+from diffembed import ConfigError, Embedder, EmbedderConfig
 from diffembed.eval.metrics import dense_run, evaluate
 from diffembed.eval.mteb_adapter import MTEBEncoder, result_path, run_mteb, summarize
 
@@ -264,6 +264,12 @@ def test_queries_get_the_instruction_and_documents_do_not(minilm):
     expected = minilm.encode_documents([f"{ti} {t}".strip() for ti, t in pairs])
     np.testing.assert_allclose(d_with, expected, atol=1e-6)
     np.testing.assert_allclose(d_without, expected, atol=1e-6)
+    # mteb's body and title reach the Embedder apart: the document policy joins them (here: title ignored)
+    no_titles = MTEBEncoder(Embedder(EmbedderConfig(documents={"title": "ignore"}), backbone=minilm.backbone))
+    d_body = encode(no_titles, dataloader(pairs, prompt_type=PromptType.document), PromptType.document)
+    np.testing.assert_allclose(d_body, minilm.encode_documents([t for _, t in pairs]), atol=1e-6)
+    with pytest.raises(ConfigError, match="one vector per document"):  # best-window scoring cannot go through mteb
+        MTEBEncoder(Embedder(EmbedderConfig(documents={"windows": "best"}), backbone=minilm.backbone))
     # a query vector is not a document vector of the same text
     q_as_doc = encode(with_ins, dataloader([("", t) for t in texts], prompt_type=PromptType.document),
                       PromptType.document)

@@ -110,6 +110,11 @@ class Embedder:
         return prefix, suffix
 
     @property
+    def special_tokens(self) -> tuple[list[int], list[int]]:
+        """(ids before, ids after) the content of every segment."""
+        return list(self._prefix), list(self._suffix)
+
+    @property
     def content_budget(self) -> int:
         """Content tokens per window once special tokens are in."""
         budget = self.config.max_length - len(self._prefix) - len(self._suffix)
