@@ -76,7 +76,7 @@ class CompareConfig(ConfigModel):
         data["embedder"] = {**data.get("embedder", {}), **backbone.embedder}
         data.setdefault("run", {})
         data["run"] = {**data["run"], "name": backbone.name, "storage_path": str(Path(self.output_dir) / "runs")}
-        return TrainConfig.from_dict(apply_overrides(data, backbone.train), source=f"backbone {backbone.name}")
+        return TrainConfig.from_dict(apply_overrides(data, backbone.train, TrainConfig), source=f"backbone {backbone.name}")
 
     def eval_config(self, backbone: Backbone, model: str) -> EvalConfig:
         """The shared tasks, run on `model`; fields the evaluation template sets explicitly (max_length, dtype,

@@ -1,7 +1,8 @@
 """The training job's one config model: embedder, data, LoRA, loss, optimisation, DeepSpeed, Ray run.
 
 The DeepSpeed JSON is generated from this object (`diffembed.train.deepspeed.deepspeed_config`), so batch
-sizes, precision and ZeRO settings have one source of truth.
+sizes, precision and ZeRO settings have one source of truth. `deepspeed.enabled: false` trains with plain
+PyTorch DDP instead (same optimizer, schedule, clipping and loss; no ZeRO, no offload).
 """
 
 from __future__ import annotations
@@ -53,11 +54,17 @@ class OptimConfig(ConfigModel):
 
 
 class DeepSpeedConfig(ConfigModel):
-    enabled: bool = True
+    enabled: bool = Field(
+        True,
+        description="False: plain PyTorch DDP through Ray Train (torch AdamW, same schedule and clipping); "
+        "zero_stage is then unused and offloading is an error.",
+    )
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
-    bf16: bool | None = Field(None, description="Default: on when training on GPUs, off on CPU.")
+    bf16: bool | None = Field(
+        None, description="Default: on when training on GPUs, off on CPU. Without DeepSpeed: bf16 autocast."
+    )
 
 
 class RunConfig(ConfigModel):
@@ -106,6 +113,8 @@ class TrainConfig(ConfigModel):
             )
         if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_params needs zero_stage 3")
+        if not self.deepspeed.enabled and (self.deepspeed.offload_optimizer or self.deepspeed.offload_params):
+            raise ValueError("deepspeed.offload_optimizer / offload_params need deepspeed.enabled")
         return self
 
     def worker_resources(self) -> dict[str, float]:

@@ -1,10 +1,19 @@
-"""DeepSpeed JSON generated from the TrainConfig: the config object stays the single source of truth."""
+"""DeepSpeed for the training loop: the JSON generated from the TrainConfig (the config object stays the single
+source of truth) and the backend that wraps the model in a DeepSpeed engine.
+
+Nothing here imports `deepspeed` at module level: with `deepspeed.enabled: false` the loop trains with plain
+PyTorch DDP (`diffembed.train.loop.TorchBackend`) and DeepSpeed is never imported or initialised.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
 from diffembed.train.config import TrainConfig
+
+CKPT_TAG = "ds"  # DeepSpeed tag inside every Ray checkpoint directory a DeepSpeed run writes
 
 
 def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
@@ -32,3 +41,72 @@ def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+class DeepSpeedBackend:
+    """The trainable model in a DeepSpeed engine: ZeRO, clipping, bf16 and the LR schedule step inside
+    `engine.step()`; checkpoints are per-rank DeepSpeed shards under tag `CKPT_TAG`."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: TrainConfig, model) -> None:
+        import deepspeed
+        import torch
+
+        from diffembed.train.loop import make_scheduler
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.deepspeed.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = make_scheduler(cfg, optimizer)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=deepspeed_config(cfg, cfg.run.use_gpu)
+        )
+        self.model = self.engine  # what the Embedder's forward runs through
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the engine casts the model itself when bf16 is on
+
+    def accumulate(self, last: bool):
+        return contextlib.nullcontext()  # GradCache boundaries go through `backward(..., boundary=)`
+
+    def backward(self, loss, boundary: bool | None = None) -> None:
+        if boundary is None:
+            self.engine.backward(loss)
+        else:  # one GradCache chunk: reduce gradients only after the step's last chunk
+            self.engine.set_gradient_accumulation_boundary(boundary)
+            self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def save(self, directory: str, client_state: dict[str, Any], rank: int) -> bool:
+        """Every rank writes its shard; returns whether this rank reports the directory (all do)."""
+        self.engine.save_checkpoint(directory, tag=CKPT_TAG, client_state=client_state)
+        return True
+
+    def load(self, directory: str) -> dict[str, Any]:
+        if not Path(directory, CKPT_TAG).is_dir():
+            raise RuntimeError(f"{directory} holds no DeepSpeed checkpoint (written with deepspeed.enabled: false?)")
+        _, client = self.engine.load_checkpoint(directory, tag=CKPT_TAG)
+        return client
+
+
+def fp32_state_dict(directory: str) -> dict[str, Any]:
+    """Full fp32 weights gathered from a DeepSpeed checkpoint's ZeRO shards."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(directory, tag=CKPT_TAG)

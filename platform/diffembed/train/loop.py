@@ -1,13 +1,15 @@
 """The per-worker training loop (runs inside Ray Train's TorchTrainer) and the driver that launches it.
 
 Each worker loads the backbone through the same `Embedder` that batch inference and serving use, wraps it
-with peft LoRA (or trains it fully), hands it to DeepSpeed, and steps through its slice of the shared
-global-batch plan. Checkpoints are per-rank DeepSpeed shards reported through `ray.train.report`; on a
-restart (worker failure or `--resume`) the loop reloads the latest one and continues at its step.
+with peft LoRA (or trains it fully), hands it to a backend — DeepSpeed (`deepspeed.enabled`, the default) or
+plain PyTorch DDP (`deepspeed.enabled: false`) — and steps through its slice of the shared global-batch plan.
+Checkpoints are reported through `ray.train.report`: per-rank DeepSpeed shards, or rank 0's torch state
+dicts; on a restart (worker failure or `--resume`) the loop reloads the latest one and continues at its step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from diffembed.train.config import TrainConfig
+from diffembed.train.deepspeed import CKPT_TAG  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
 
 BERT_LORA_TARGETS = ["query", "key", "value", "dense"]
-CKPT_TAG = "ds"  # DeepSpeed tag inside every Ray checkpoint directory
+TORCH_DIR = "torch"  # the torch backend's files inside a Ray checkpoint directory
+TORCH_MODEL_FILE = "model.pt"  # trainable parameters by name
+TORCH_STATE_FILE = "training_state.pt"  # optimizer, scheduler, step
 PROBE_FILE = "probe_embeddings.json"
 HISTORY_FILE = "history.json"
 PROBE_TEXTS = [
@@ -66,16 +71,196 @@ def _step_rows(plan: list[list[dict]], step: int, rank: int, per_worker: int) ->
     return plan[step][rank * per_worker : (rank + 1) * per_worker]
 
 
+def make_scheduler(cfg: TrainConfig, optimizer):
+    """The LR schedule both backends step once per optimizer step: warmup, then linear / cosine / constant."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        cfg.optim.schedule if cfg.optim.schedule != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps,
+        num_training_steps=cfg.optim.max_steps,
+    )
+
+
+def trainable_state(model) -> dict[str, Any]:
+    """The parameters training changes (the LoRA adapter, or every weight in full fine-tuning), by name."""
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+class TorchBackend:
+    """Plain PyTorch (`deepspeed.enabled: false`): DistributedDataParallel on the process group Ray Train set
+    up (gloo on CPU, nccl on GPU), torch AdamW, the same LR schedule, gradient clipping, bf16 autocast when
+    `deepspeed.bf16` resolves on. Checkpoints follow Ray Train's torch pattern: rank 0 writes the trainable
+    weights (`torch/model.pt`) and the optimizer/scheduler state (`torch/training_state.pt`), the other
+    ranks report metrics only. DeepSpeed is never imported."""
+
+    name = "ddp"
+
+    def __init__(self, cfg: TrainConfig, model, device, world: int) -> None:
+        import torch
+
+        self.cfg, self.module, self.device = cfg, model, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = make_scheduler(cfg, self.optimizer)
+        self.ddp = None
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Buffers (rotary tables) are constants: no broadcast before every forward.
+            self.ddp = DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+            )
+        self.model = self.ddp or model  # what the Embedder's forward runs through
+        self.bf16 = cfg.run.use_gpu if cfg.deepspeed.bf16 is None else cfg.deepspeed.bf16
+
+    def autocast(self):
+        import torch
+
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def accumulate(self, last: bool):
+        """Around one GradCache chunk's forward and backward: gradients are all-reduced after the last only."""
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+
+    def backward(self, loss, boundary: bool | None = None) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        import torch
+
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def save(self, directory: str, client_state: dict[str, Any], rank: int) -> bool:
+        """Rank 0 writes the checkpoint (DDP keeps every rank's weights and optimizer state identical);
+        returns whether this rank reports the directory."""
+        if rank != 0:
+            return False
+        import torch
+
+        folder = Path(directory, TORCH_DIR)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(trainable_state(self.module), folder / TORCH_MODEL_FILE)
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "client": client_state},
+            folder / TORCH_STATE_FILE,
+        )
+        return True
+
+    def load(self, directory: str) -> dict[str, Any]:
+        import torch
+
+        folder = Path(directory, TORCH_DIR)
+        if not (folder / TORCH_MODEL_FILE).is_file():
+            raise RuntimeError(f"{directory} holds no torch checkpoint (written with deepspeed.enabled: true?)")
+        state = torch.load(folder / TORCH_MODEL_FILE, map_location=self.device, weights_only=True)
+        _check_fits(self.module, self.module.load_state_dict(state, strict=False))
+        saved = torch.load(folder / TORCH_STATE_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        return saved["client"]
+
+
+def _check_fits(model, result) -> None:
+    missing, unexpected = result
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise RuntimeError(f"checkpoint does not fit the model: missing {sorted(trainable & set(missing))[:4]}, "
+                           f"unexpected {sorted(unexpected)[:4]}")
+
+
+def make_backend(cfg: TrainConfig, model, device, world: int):
+    """DeepSpeed (`deepspeed.enabled`, the default) or plain PyTorch DDP."""
+    if cfg.deepspeed.enabled:
+        from diffembed.train.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg, model)
+    return TorchBackend(cfg, model, device, world)
+
+
+def checkpoint_state_dict(directory: str) -> dict[str, Any]:
+    """The trained weights in a checkpoint directory, whichever backend wrote it: the torch backend's
+    trainable parameters as saved, or the full fp32 weights rebuilt from DeepSpeed's ZeRO shards."""
+    path = Path(directory, TORCH_DIR, TORCH_MODEL_FILE)
+    if path.is_file():
+        import torch
+
+        return {name: t.float() for name, t in torch.load(path, map_location="cpu", weights_only=True).items()}
+    from diffembed.train.deepspeed import fp32_state_dict
+
+    return fp32_state_dict(directory)
+
+
+def train_step(embedder, engine, q_segs, p_segs, n_segs, loss_fn, chunk: int | None):
+    """One optimizer step on this rank's share of the global batch; returns the (local) loss.
+
+    Without `chunk`: one forward per group, one backward. With it, GradCache: every chunk is embedded twice
+    (see `grad_cache_step`); each chunk's second forward and its backward run under the backend's
+    `accumulate` context, so DDP all-reduces gradients once, after the step's last chunk (DeepSpeed is told
+    the same through its gradient-accumulation boundary)."""
+    import torch
+
+    from diffembed.train.losses import grad_cache_step
+
+    def embed(segs):
+        with engine.autocast():
+            return embedder.forward(embedder.collate(segs))  # (b, D)
+
+    if chunk:
+        total = sum(math.ceil(len(g) / chunk) for g in (q_segs, p_segs, n_segs))
+        backwards = [0]
+        pending = contextlib.ExitStack()  # DDP's no_sync spans a chunk's forward and its backward
+
+        def embed_chunk(segs):
+            if torch.is_grad_enabled():  # GradCache's second pass: this chunk's backward comes next
+                pending.enter_context(engine.accumulate(last=backwards[0] + 1 == total))
+            return embed(segs)
+
+        def backward(t, g):
+            backwards[0] += 1
+            with pending:
+                engine.backward((t.float() * g).sum(), boundary=backwards[0] == total)
+
+        def chunks(segs):
+            return [segs[i : i + chunk] for i in range(0, len(segs), chunk)]
+
+        loss = grad_cache_step(
+            embed_chunk,
+            chunks(q_segs),
+            chunks(p_segs),
+            chunks(n_segs) if n_segs else None,
+            loss_fn=loss_fn,
+            backward_fn=backward,
+        )
+    else:
+        q, p = embed(q_segs), embed(p_segs)
+        n = embed(n_segs) if n_segs else None
+        loss = loss_fn(q, p, n)
+        engine.backward(loss)
+    engine.step()
+    return loss
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import deepspeed
     import ray
     import ray.train
     import torch
-    from transformers import get_scheduler
 
     from diffembed.models.embedder import Embedder
-    from diffembed.train.deepspeed import deepspeed_config
-    from diffembed.train.losses import grad_cache_step, info_nce
+    from diffembed.train.losses import info_nce
 
     cfg = TrainConfig.model_validate(config["cfg"])
     plan = ray.get(config["plan"])
@@ -87,23 +272,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     embedder = Embedder(cfg.embedder.model_copy(update={"device": str(device)}))
     model = build_trainable(embedder, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.deepspeed.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = get_scheduler(
-        cfg.optim.schedule if cfg.optim.schedule != "constant" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=cfg.optim.warmup_steps,
-        num_training_steps=cfg.optim.max_steps,
-    )
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, cfg.run.use_gpu)
-    )
-    embedder.model = engine  # the Embedder's forward now runs through DeepSpeed
+    engine = make_backend(cfg, model, device, world)
+    embedder.model = engine.model  # the Embedder's forward now runs through DeepSpeed / DDP
 
     start_step, attempt, history = 0, 0, []
     # A restart after a failure resumes from this run's latest checkpoint; `--resume` from an earlier run's.
@@ -112,7 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            _, client = engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG)
+            client = engine.load(ckpt_dir)
             start_step, attempt = client["step"], client.get("attempt", 0) + 1
             if Path(ckpt_dir, HISTORY_FILE).is_file():
                 history = json.loads(Path(ckpt_dir, HISTORY_FILE).read_text())
@@ -131,40 +301,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         rows = _step_rows(plan, step, rank, b)
         q_segs = embedder.query_segments([r["query"] for r in rows], [r["instruction"] for r in rows])
-        p_segs = embedder.document_segments([r["positive"] for r in rows], chunk=False)
+        p_segs = embedder.document_segments([r["positive"] for r in rows], windows="first")
         n_texts = [n for r in rows for n in r["negatives"]]
-        n_segs = embedder.document_segments(n_texts, chunk=False) if n_texts else []
+        n_segs = embedder.document_segments(n_texts, windows="first") if n_texts else []
         tokens = sum(len(s.ids) for s in (*q_segs, *p_segs, *n_segs))
 
-        def embed(segs):
-            return embedder.forward(embedder.collate(segs))  # (b, D)
-
-        if chunk:
-            backwards = [0]
-            total = sum(math.ceil(len(g) / chunk) for g in (q_segs, p_segs, n_segs))
-
-            def backward(t, g):
-                backwards[0] += 1
-                engine.set_gradient_accumulation_boundary(backwards[0] == total)
-                engine.backward((t.float() * g).sum(), scale_wrt_gas=False)
-
-            def chunks(segs):
-                return [segs[i : i + chunk] for i in range(0, len(segs), chunk)]
-
-            loss = grad_cache_step(
-                embed,
-                chunks(q_segs),
-                chunks(p_segs),
-                chunks(n_segs) if n_segs else None,
-                loss_fn=loss_fn,
-                backward_fn=backward,
-            )
-        else:
-            q, p = embed(q_segs), embed(p_segs)
-            n = embed(n_segs) if n_segs else None
-            loss = loss_fn(q, p, n)
-            engine.backward(loss)
-        engine.step()
+        loss = train_step(embedder, engine, q_segs, p_segs, n_segs, loss_fn, chunk)
 
         elapsed = time.perf_counter() - started
         step_no = step + 1
@@ -176,7 +318,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "step": step_no,
             "attempt": attempt,
             "loss": float(loss),
-            "lr": float(scheduler.get_last_lr()[0]),
+            "lr": engine.lr(),
             "samples_per_s": cfg.optim.global_batch_size / elapsed,
             "tokens_per_s": tokens * world / elapsed,
         }
@@ -187,7 +329,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save = step_no % cfg.run.checkpoint_every == 0 or step_no == cfg.optim.max_steps
         if save or step_no % cfg.run.log_every == 0:
             probe = _probe(embedder, engine) if step_no == cfg.optim.max_steps else None
-            _report(engine, metrics, save, attempt, rank, probe, history)
+            _report(engine, {**metrics, "backend": engine.name}, save, attempt, rank, probe, history)
 
 
 def _evaluate(embedder, engine, dev) -> dict[str, float]:
@@ -207,7 +349,7 @@ def _probe(embedder, engine) -> list[list[float]]:
 
     engine.eval()
     with torch.no_grad():
-        vectors = embedder.forward(embedder.collate(embedder.document_segments(PROBE_TEXTS, chunk=False)))
+        vectors = embedder.forward(embedder.collate(embedder.document_segments(PROBE_TEXTS, windows="first")))
     engine.train()
     return vectors.float().cpu().tolist()
 
@@ -219,7 +361,9 @@ def _report(engine, metrics: dict[str, Any], save: bool, attempt: int, rank: int
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": metrics["step"], "attempt": attempt})
+        if not engine.save(tmp, {"step": metrics["step"], "attempt": attempt}, rank):
+            ray.train.report(metrics)  # the torch backend: rank 0 alone reports the checkpoint
+            return
         if rank == 0:
             Path(tmp, "metrics.json").write_text(json.dumps(metrics))
             Path(tmp, HISTORY_FILE).write_text(json.dumps(list(history)))  # every step so far, across restarts
