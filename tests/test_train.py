@@ -30,6 +30,18 @@ def history(cfg: TrainConfig) -> list[dict]:
     return json.loads((cfg.export_path / "train_history.json").read_text())
 
 
+def assert_export_matches_probe(export: Path, probe_file: Path, base_model: Path) -> None:
+    """The export, loaded by the Embedder, embeds like the model at the end of training (the probe it saved),
+    and unlike the untrained backbone."""
+    probe = json.loads(probe_file.read_text())
+    exported = Embedder(EmbedderConfig(model=str(export))).encode_documents(probe["texts"])
+    trained = np.asarray(probe["embeddings"], dtype=np.float32)
+    cos = (exported * trained).sum(1) / np.linalg.norm(exported, axis=1) / np.linalg.norm(trained, axis=1)
+    assert cos.min() > 0.9999
+    base = Embedder(EmbedderConfig(model=str(base_model), max_length=64))
+    assert float((base.encode_documents(probe["texts"]) * exported).sum(1).min()) < 0.999
+
+
 @pytest.mark.parametrize("stage, extra", [(2, []), (3, ["loss.grad_cache_chunk_size=3"])])
 def test_zero_training_learns_checkpoints_and_exports(ray_cluster, tmp_path, tiny_checkpoints, stage, extra):
     cfg = tiny_config(tmp_path, tiny_checkpoints, f"deepspeed.zero_stage={stage}", *extra)
@@ -44,14 +56,8 @@ def test_zero_training_learns_checkpoints_and_exports(ray_cluster, tmp_path, tin
     for name in ("model.safetensors", "config.json", "diffembed.json", "loss.png", "tokenizer_config.json"):
         assert (export / name).is_file(), name
     # The exported model, loaded by the Embedder, embeds like the model at the end of training.
-    probe = json.loads((Path(metrics["checkpoint_dir"]) / PROBE_FILE).read_text())
-    exported = Embedder(EmbedderConfig(model=str(export))).encode_documents(probe["texts"])
-    trained = np.asarray(probe["embeddings"], dtype=np.float32)
-    cos = (exported * trained).sum(1) / np.linalg.norm(exported, axis=1) / np.linalg.norm(trained, axis=1)
-    assert cos.min() > 0.9999
     # ... and differs from the untrained backbone (LoRA was merged, not dropped).
-    base = Embedder(EmbedderConfig(model=str(tiny_checkpoints["dream"]), max_length=64))
-    assert float((base.encode_documents(probe["texts"]) * exported).sum(1).min()) < 0.999
+    assert_export_matches_probe(export, Path(metrics["checkpoint_dir"]) / PROBE_FILE, tiny_checkpoints["dream"])
     saved = json.loads((export / "diffembed.json").read_text())
     assert (saved["family"], saved["attention"], saved["pooling"]) == ("qwen2", "bidirectional", "mean")
 
@@ -178,13 +184,7 @@ def test_ddp_training_without_deepspeed_learns_checkpoints_and_exports(ray_clust
     assert lora_b_norm(state) > 0  # the weights moved
     # The export loads with the Embedder and embeds like the model at the end of training.
     export = Path(metrics["export_dir"])
-    probe = json.loads((final / PROBE_FILE).read_text())
-    exported = Embedder(EmbedderConfig(model=str(export))).encode_documents(probe["texts"])
-    trained = np.asarray(probe["embeddings"], dtype=np.float32)
-    cos = (exported * trained).sum(1) / np.linalg.norm(exported, axis=1) / np.linalg.norm(trained, axis=1)
-    assert cos.min() > 0.9999
-    base = Embedder(EmbedderConfig(model=str(tiny_checkpoints["dream"]), max_length=64))
-    assert float((base.encode_documents(probe["texts"]) * exported).sum(1).min()) < 0.999
+    assert_export_matches_probe(export, final / PROBE_FILE, tiny_checkpoints["dream"])
 
 
 def test_ddp_grad_cache_and_restart_resume_from_torch_checkpoint(ray_cluster, tmp_path, tiny_checkpoints):
