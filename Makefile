@@ -18,8 +18,26 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
 	touch $@
 
+# Hermetic: every cache the tests (their subprocesses, Ray workers and Ray heads) may read or write lives in one
+# fresh, empty directory made for this run and removed afterwards (kept when tests fail), never in ~/.cache,
+# ~/.config or ~/.ray, so a warm machine cannot hide what a fresh one would hit. CI passes its own empty
+# DIFFEMBED_TEST_CACHE. tests/conftest.py points the same variables (HERMETIC_VARS) at the same places.
+TEST_CACHE_ENV = DIFFEMBED_CACHE="$$run/diffembed" HF_HOME="$$run/huggingface" HF_HUB_CACHE="$$run/huggingface/hub" \
+	XDG_CACHE_HOME="$$run/xdg/cache" XDG_CONFIG_HOME="$$run/xdg/config" XDG_DATA_HOME="$$run/xdg/data" \
+	XDG_STATE_HOME="$$run/xdg/state" TORCH_HOME="$$run/torch" TORCH_EXTENSIONS_DIR="$$run/torch_extensions" \
+	TRITON_CACHE_DIR="$$run/triton" MPLCONFIGDIR="$$run/matplotlib" MTEB_CACHE="$$run/mteb" \
+	RAY_AUTH_TOKEN_PATH="$$run/ray/auth_token"
+
 test: install
-	$(PY) -m pytest -q tests
+	@set -e; \
+	if [ -n "$$DIFFEMBED_TEST_CACHE" ]; then run="$$DIFFEMBED_TEST_CACHE"; own=; \
+	else run=$$(mktemp -d "$${TMPDIR:-/tmp}/diffembed-test.XXXXXX"); own=1; fi; \
+	mkdir -p "$$run"; run=$$(cd "$$run" && pwd); \
+	if [ -n "$$(ls -A "$$run")" ]; then echo "DIFFEMBED_TEST_CACHE=$$run is not empty: tests need a fresh one" >&2; exit 2; fi; \
+	echo "test caches: $$run"; \
+	status=0; env DIFFEMBED_TEST_CACHE="$$run" $(TEST_CACHE_ENV) $(PY) -m pytest -q tests || status=$$?; \
+	if [ -n "$$own" ] && [ $$status -eq 0 ]; then rm -rf "$$run"; fi; \
+	exit $$status
 
 demo: install
 	$(PY) jobs/demo.py

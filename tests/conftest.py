@@ -1,13 +1,67 @@
-"""Shared fixtures: tiny checkpoints (built once per session) and the packaged MiniLM embedder."""
+"""Shared fixtures: tiny checkpoints (built once per session) and the packaged MiniLM embedder.
+
+Hermetic: before anything else is imported, every cache and config location a library may write to is pointed into
+one directory made for this run (`$DIFFEMBED_TEST_CACHE`, given by `make test` / .ci/run as a fresh `mktemp -d`, or
+else created here and removed at the end). Subprocesses, Ray workers and the test Ray heads inherit it; nothing is
+read from or written to ~/.cache, ~/.config or ~/.ray, so a warm machine behaves as a fresh one.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the Hub in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path
+# variable -> location inside the run's directory (the Makefile's `test` target exports the same list).
+HERMETIC_VARS = {
+    "DIFFEMBED_CACHE": "diffembed",  # tiny:<family> checkpoints
+    "HF_HOME": "huggingface",  # hub token, modules (remote code), datasets, xet
+    "HF_HUB_CACHE": "huggingface/hub",
+    "XDG_CACHE_HOME": "xdg/cache",  # the default ~/.cache of many libraries (torch hub, matplotlib, ...)
+    "XDG_CONFIG_HOME": "xdg/config",
+    "XDG_DATA_HOME": "xdg/data",
+    "XDG_STATE_HOME": "xdg/state",
+    "TORCH_HOME": "torch",
+    "TORCH_EXTENSIONS_DIR": "torch_extensions",  # DeepSpeed JIT-compiles its CPU shm comm op here
+    "TRITON_CACHE_DIR": "triton",
+    "MPLCONFIGDIR": "matplotlib",  # font cache (otherwise ~/.config/matplotlib or ~/.cache/matplotlib)
+    "MTEB_CACHE": "mteb",  # otherwise ~/.cache/mteb
+    "RAY_AUTH_TOKEN_PATH": "ray/auth_token",  # a local ray.init() with token auth writes ~/.ray/auth_token otherwise
+}
+
+
+def _hermetic_environment() -> tuple[str, bool]:
+    """Point every variable of HERMETIC_VARS into the run's directory; returns (directory, created here)."""
+    run = os.environ.get("DIFFEMBED_TEST_CACHE")
+    created = not run
+    if created:
+        run = tempfile.mkdtemp(prefix="diffembed-test-")
+        os.environ["DIFFEMBED_TEST_CACHE"] = run
+    run = os.path.realpath(run)
+    os.makedirs(run, exist_ok=True)
+    for var, rel in HERMETIC_VARS.items():
+        # Keep a value already inside the run's directory (the Makefile's); anything else (a user's ~/.cache,
+        # a shared HF_HOME) is replaced, never honoured.
+        value = os.environ.get(var)
+        if not value or os.path.commonpath([run, os.path.realpath(value)]) != run:
+            os.environ[var] = os.path.join(run, rel)
+    token = os.environ["RAY_AUTH_TOKEN_PATH"]
+    os.makedirs(os.path.dirname(token), exist_ok=True)
+    if not os.path.isfile(token):
+        with open(token, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # the token file above is the one Ray uses
+    os.environ.pop("RAY_ADDRESS", None)  # ray.init() starts this run's own local Ray, never joins a user's cluster
+    return run, created
+
+
+RUN_DIR, _RUN_DIR_CREATED = _hermetic_environment()
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest
 import torch
@@ -15,6 +69,17 @@ import torch
 from diffembed.testing.tiny import TINY_FAMILIES, write_tiny_checkpoint
 
 ALL_FAMILIES = (*TINY_FAMILIES, "bert")
+
+
+def pytest_unconfigure(config):
+    if _RUN_DIR_CREATED:  # the Makefile / CI remove the directory they made
+        shutil.rmtree(RUN_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def run_cache_dir() -> Path:
+    """This run's cache directory (every variable of HERMETIC_VARS points into it)."""
+    return Path(RUN_DIR)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from diffembed.config import ConfigError, EmbedderConfig
+from diffembed.config import EMBEDDING_FUNCTION_FIELDS, ConfigError, EmbedderConfig, migrate_legacy_embedder_keys
 from diffembed.models.families import FamilySpec, detect_family, get_family
 
 log = logging.getLogger(__name__)
@@ -71,23 +71,14 @@ def packaged_minilm_path() -> Path:
 
 
 def tiny_checkpoint_path(family: str) -> Path:
-    """`tiny:<family>`: a tiny random checkpoint in that family's real layout, built once in a cache dir."""
-    from diffembed.testing.tiny import TINY_FAMILIES, write_tiny_checkpoint
+    """`tiny:<family>`: a tiny random checkpoint in that family's real layout, built once in
+    `$DIFFEMBED_CACHE/tiny` (default `~/.cache/diffembed/tiny`); safe for concurrent threads and processes."""
+    from diffembed.testing.tiny import TINY_FAMILIES, ensure_tiny_checkpoint
 
     if family not in TINY_FAMILIES:
         raise ConfigError(f"unknown tiny checkpoint 'tiny:{family}' (known: {', '.join(TINY_FAMILIES)})")
-    root = Path(os.environ.get("DIFFEMBED_CACHE", "~/.cache/diffembed")).expanduser() / "tiny"
-    path = root / family
-    if not (path / "config.json").is_file():
-        tmp = root / f".{family}.{os.getpid()}"
-        write_tiny_checkpoint(family, tmp)
-        try:
-            tmp.rename(path)  # atomic: concurrent workers never see a half-written checkpoint
-        except OSError:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
-    return path
+    root = Path(os.environ.get("DIFFEMBED_CACHE") or "~/.cache/diffembed").expanduser() / "tiny"
+    return ensure_tiny_checkpoint(family, root)
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -126,15 +117,23 @@ SAVED_CONFIG = "diffembed.json"
 
 
 def with_saved_config(cfg: EmbedderConfig) -> EmbedderConfig:
-    """Fields the caller left unset take the values saved beside exported weights (`diffembed.json`)."""
+    """Fields of the embedding function the caller left unset take the values saved beside exported weights
+    (`diffembed.json`). Runtime settings (dtype, device, batch budgets) are never taken from it."""
     path = Path(cfg.model).expanduser()
     if not (path / SAVED_CONFIG).is_file():
         return cfg
-    saved = read_json(path / SAVED_CONFIG)
-    unknown = set(saved) - set(EmbedderConfig.model_fields)
+    saved = migrate_legacy_embedder_keys(read_json(path / SAVED_CONFIG))
+    runtime = sorted(k for k in saved if k not in EMBEDDING_FUNCTION_FIELDS and k in EmbedderConfig.model_fields)
+    if runtime:  # written by an earlier version: settings of the exporting machine, not of the model
+        log.warning("%s: ignoring runtime settings %s (this load's own settings apply)", path / SAVED_CONFIG, runtime)
+        saved = {k: v for k, v in saved.items() if k not in runtime}
+    unknown = set(saved) - set(EMBEDDING_FUNCTION_FIELDS)
     if unknown:
         raise ConfigError(f"{path / SAVED_CONFIG}: unknown keys {sorted(unknown)}")
-    merged = {**{k: v for k, v in saved.items() if k not in cfg.model_fields_set}, **cfg.model_dump(exclude_unset=True)}
+    given = cfg.model_dump(exclude_unset=True)
+    merged = {**{k: v for k, v in saved.items() if k not in cfg.model_fields_set}, **given}
+    if isinstance(saved.get("documents"), dict) and "documents" in given:  # a partial policy keeps the rest
+        merged["documents"] = {**saved["documents"], **given["documents"]}
     merged["model"] = cfg.model
     return EmbedderConfig.from_dict(merged, source=str(path / SAVED_CONFIG))
 

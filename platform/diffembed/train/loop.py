@@ -424,7 +424,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if not cfg.run.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_EXTENSIONS_DIR"):
+    for key in ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TORCH_EXTENSIONS_DIR", "DIFFEMBED_CACHE"):
         if key in os.environ:
             env[key] = os.environ[key]
     storage = str(Path(cfg.run.storage_path).expanduser().resolve()) if "://" not in cfg.run.storage_path else cfg.run.storage_path
