@@ -27,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged model is local; not
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from diffembed import Embedder, EmbedderConfig  # noqa: E402
-from diffembed.index.store import QdrantStore  # noqa: E402
+from diffembed.documents import best_hits  # noqa: E402
+from diffembed.index.store import open_store  # noqa: E402
 
 MODULES = """
     abc argparse array ast asyncio base64 bisect bz2 calendar cmath codecs collections concurrent.futures
@@ -134,18 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(corpus)} documents ({len(modules)} stdlib modules) encoded in {summary['wall_s']:.1f} s by the "
         f"embed_corpus job: {summary['documents_embedded']} embedded now ({summary['chunks_written']} chunks), "
-        f"{summary['documents_already_present']} already in Qdrant '{cfg.store.collection}' at {cfg.store.path}; "
+        f"{summary['documents_already_present']} already in Qdrant Edge collection '{cfg.store.collection}' at {cfg.store.path}; "
         f"{embedder.config.model} on {embedder.device}, {embedder.dimension} dims"
     )
     if args.no_serve:
-        with QdrantStore(cfg.store) as store:
+        with open_store(cfg.store) as store:
             for query, vector in zip(queries, query_vectors):
-                best: dict[str, object] = {}
-                for hit in store.search(vector, query, top_k=args.top_k * 5, mode="dense"):
-                    best.setdefault(hit.doc_id, hit)  # hits come best first: keep each document's best chunk
-                print_hits(query, [
+                hits = store.search(vector, query, top_k=args.top_k * 5, mode="dense")
+                print_hits(query, [  # each document's best chunk
                     {"doc_id": h.doc_id, "score": h.score, "chunk_index": h.chunk_index, "payload": h.payload}
-                    for h in list(best.values())[: args.top_k]
+                    for h in best_hits(hits, args.top_k)
                 ])
         return 0
     serve_and_query(cfg, queries, args.top_k)

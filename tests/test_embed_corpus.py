@@ -16,7 +16,8 @@ import pytest
 from diffembed import ConfigError, Embedder, EmbedderConfig
 from diffembed.batch.config import EmbedCorpusConfig
 from diffembed.batch.pipeline import embed_corpus
-from diffembed.index.store import QdrantStore
+from diffembed.index.config import StoreConfig
+from diffembed.index.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("river mountain forest harbour castle library market garden bridge tower valley meadow island "
@@ -52,20 +53,10 @@ def config(tmp_path: Path, corpus: Path, store_path: Path, *overrides: str) -> E
     )
 
 
-def all_points(store_path: Path) -> dict[str, dict]:
-    from qdrant_client import QdrantClient
-
-    client = QdrantClient(path=str(store_path))
-    try:
-        points, offset = [], None
-        while True:
-            batch, offset = client.scroll("docs", limit=256, offset=offset, with_payload=True, with_vectors=True)
-            points += batch
-            if offset is None:
-                break
-        return {str(p.id): {"payload": p.payload, "vector": p.vector} for p in points}
-    finally:
-        client.close()
+def all_points(store_path: Path, collection: str = "docs") -> dict[str, dict]:
+    """Every point of an Edge collection: id -> {payload, vector: {name: dense list | (indices, values)}}."""
+    with open_store(StoreConfig(path=str(store_path), collection=collection)) as store:
+        return {p.id: {"payload": p.payload, "vector": p.vectors} for batch in store.iter_points() for p in batch}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +84,7 @@ def test_end_to_end_counts_and_search(clean_run, minilm):
     assert summary["chunks_written"] == summary["points_in_collection"] == expected_chunks
     assert summary["documents_embedded"] == len(real)
     assert summary["skipped_rows"] == 1 and "empty text" in summary["skipped_by_reason"]
-    with QdrantStore(cfg.store) as store:
+    with open_store(cfg.store) as store:
         sentence = docs[8]["text"].split(". ")[5] + "."  # from the middle of a long document
         hits = store.search(emb.encode_queries([sentence])[0], None, top_k=3)
         assert hits[0].doc_id == "doc-8"
@@ -117,7 +108,7 @@ def test_stored_vectors_equal_the_embedders_output(clean_run, minilm):
 def test_hybrid_finds_the_rare_term(clean_run, minilm):
     cfg, _, _, _ = clean_run
     emb = Embedder(cfg.embedder, backbone=minilm.backbone)
-    with QdrantStore(cfg.store) as store:
+    with open_store(cfg.store) as store:
         query = "zyxovian"
         for mode in ("sparse", "hybrid"):
             hits = store.search(emb.encode_queries([query])[0], query, top_k=5, mode=mode)
@@ -198,11 +189,11 @@ def test_malformed_line_mid_file_is_reported_with_its_line(ray_cluster, tmp_path
 def test_dimension_mismatch_is_caught_before_writing(ray_cluster, corpus, tmp_path):
     path, _ = corpus
     store = tmp_path / "q"
-    with QdrantStore(config(tmp_path, path, store).store) as s:
+    with open_store(config(tmp_path, path, store).store) as s:
         s.ensure_collection(768)
     with pytest.raises(ConfigError, match="768"):
         embed_corpus(config(tmp_path, path, store))
-    with QdrantStore(config(tmp_path, path, store).store) as s:
+    with open_store(config(tmp_path, path, store).store) as s:
         assert s.count() == 0
 
 

@@ -1,4 +1,9 @@
-"""The Qdrant store in qdrant-client's local mode: ids, schema checks, resume bookkeeping, search modes."""
+"""The store interface on both backends: ids, schema checks, resume bookkeeping, search modes.
+
+`edge` is the embedded default (Qdrant Edge). `server` is ServerStore driven through qdrant-client's local mode,
+a stand-in for a real server's client API (no server can be installed here); server-only behaviour (cluster
+layout, retries, indexing threshold) is tested against that stand-in or a fake of its few calls.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,30 @@ from tenacity import wait_none
 from diffembed.config import ConfigError
 from diffembed.index.config import StoreConfig
 from diffembed.index.sparse import document_vector, query_vector, term_id, terms
-from diffembed.index.store import ChunkRecord, QdrantStore, is_transient, point_id
+from diffembed.index.edge import EdgeStore
+from diffembed.index.server import PAUSED_KEY, ServerStore, is_transient
+from diffembed.index.store import ChunkRecord, point_id
 
 DIM = 16
 
 
-def make_store(tmp_path, **kw) -> QdrantStore:
-    return QdrantStore(StoreConfig(path=str(tmp_path / "q"), collection="test", **kw))
+def server_store(tmp_path, **kw) -> ServerStore:
+    """ServerStore over qdrant-client's local mode: the stand-in for a Qdrant server's client API."""
+    from qdrant_client import QdrantClient
+
+    cfg = StoreConfig(path=str(tmp_path / "q"), collection="test", **kw)
+    return ServerStore(cfg, client=QdrantClient(path=str(tmp_path / "standin")))
+
+
+@pytest.fixture(params=["edge", "server"])
+def make_store(request, tmp_path):
+    def make(root=None, **kw):
+        root = root or tmp_path
+        if request.param == "server":
+            return server_store(root, **kw)
+        return EdgeStore(StoreConfig(path=str(root / "q"), collection="test", **kw))
+
+    return make
 
 
 def records(doc_id: str, n_chunks: int, rng, indices=None, texts=None, dim=DIM, **kw) -> list[ChunkRecord]:
@@ -38,12 +60,12 @@ def records(doc_id: str, n_chunks: int, rng, indices=None, texts=None, dim=DIM, 
     ]
 
 
-def test_point_ids_are_deterministic_and_reupsert_overwrites(tmp_path):
+def test_point_ids_are_deterministic_and_reupsert_overwrites(make_store, tmp_path):
     assert point_id("c", "doc", 0) == point_id("c", "doc", 0)
     assert len({point_id("c", "doc", 0), point_id("c", "doc", 1), point_id("d", "doc", 0), point_id("c", "do", 0)}) == 4
     rng = np.random.default_rng(0)
     recs = records("a", 3, rng) + records("b", 2, rng)
-    with make_store(tmp_path, upsert_batch_size=2) as store:
+    with make_store(upsert_batch_size=2) as store:
         store.ensure_collection(DIM)
         store.upsert(recs)
         assert store.count() == 5
@@ -52,22 +74,22 @@ def test_point_ids_are_deterministic_and_reupsert_overwrites(tmp_path):
         assert store.count() == 5
 
 
-def test_dimension_mismatch_is_one_line_config_error(tmp_path):
-    with make_store(tmp_path) as store:
+def test_dimension_mismatch_is_one_line_config_error(make_store, tmp_path):
+    with make_store() as store:
         store.ensure_collection(384)
         with pytest.raises(ConfigError) as err:
             store.ensure_collection(768)
     msg = str(err.value)
     assert "384" in msg and "768" in msg and "'test'" in msg and "'dense'" in msg and "\n" not in msg
-    with make_store(tmp_path, distance="dot") as store, pytest.raises(ConfigError, match="dot"):
+    with make_store(distance="dot") as store, pytest.raises(ConfigError, match="dot"):
         store.ensure_collection(384)
-    with make_store(tmp_path, sparse=True) as store, pytest.raises(ConfigError, match="bm25"):
+    with make_store(sparse=True) as store, pytest.raises(ConfigError, match="bm25"):
         store.ensure_collection(384)
 
 
-def test_complete_docs_and_delete_docs(tmp_path):
+def test_complete_docs_and_delete_docs(make_store, tmp_path):
     rng = np.random.default_rng(1)
-    with make_store(tmp_path) as store:
+    with make_store() as store:
         store.ensure_collection(DIM)
         store.upsert(records("full", 3, rng) + records("partial", 3, rng, indices=[0, 2]) + records("one", 1, rng))
         assert store.complete_docs(["full", "partial", "one", "absent"]) == {"full", "one"}
@@ -80,19 +102,19 @@ def test_complete_docs_and_delete_docs(tmp_path):
         assert "full" not in store.complete_docs(["full"])
 
 
-def test_complete_docs_pages_through_many_ids(tmp_path):
+def test_complete_docs_pages_through_many_ids(make_store, tmp_path):
     rng = np.random.default_rng(2)
     recs = [r for d in range(300) for r in records(f"d{d}", 2, rng, dim=4)]
-    with make_store(tmp_path, upsert_batch_size=128) as store:
+    with make_store(upsert_batch_size=128) as store:
         store.ensure_collection(4)
         store.upsert(recs)
         assert store.complete_docs([f"d{d}" for d in range(300)]) == {f"d{d}" for d in range(300)}
 
 
-def test_dense_search_returns_nearest_with_spans_and_payload(tmp_path):
+def test_dense_search_returns_nearest_with_spans_and_payload(make_store, tmp_path):
     rng = np.random.default_rng(3)
     recs = records("a", 3, rng, metadata={"lang": "en"}) + records("b", 2, rng, metadata={"lang": "de"})
-    with make_store(tmp_path) as store:
+    with make_store() as store:
         store.ensure_collection(DIM)
         store.upsert(recs)
         target = recs[4]
@@ -107,10 +129,10 @@ def test_dense_search_returns_nearest_with_spans_and_payload(tmp_path):
         assert top.score > hits[1].score
 
 
-def test_payload_filter_restricts_results(tmp_path):
+def test_payload_filter_restricts_results(make_store, tmp_path):
     rng = np.random.default_rng(4)
     recs = records("a", 3, rng, metadata={"lang": "en"}) + records("b", 2, rng, metadata={"lang": "de"})
-    with make_store(tmp_path, store_text=False) as store:
+    with make_store(store_text=False) as store:
         store.ensure_collection(DIM)
         store.upsert(recs)
         hits = store.search(recs[4].vector, None, top_k=10, filter={"doc_id": "a"})
@@ -130,10 +152,10 @@ TEXTS = [
 ]
 
 
-def test_sparse_and_hybrid_find_the_rare_term(tmp_path):
+def test_sparse_and_hybrid_find_the_rare_term(make_store, tmp_path):
     rng = np.random.default_rng(5)
     recs = [r for i, t in enumerate(TEXTS) for r in records(f"doc{i}", 1, rng, texts=[t])]
-    with make_store(tmp_path, sparse=True) as store:
+    with make_store(sparse=True) as store:
         store.ensure_collection(DIM)
         store.upsert(recs)
         dense = rng.standard_normal(DIM).astype(np.float32)  # unrelated to any document
@@ -162,11 +184,11 @@ def test_bm25_vectors():
     assert sorted(q.indices) == sorted({term_id("cat"), term_id("dog")}) and q.values == [1.0, 1.0]
 
 
-def test_empty_text_still_upserts_with_sparse(tmp_path):
+def test_empty_text_still_upserts_with_sparse(make_store, tmp_path):
     rng = np.random.default_rng(6)
     recs = records("empty", 2, rng, texts=["", "   "]) + records("none", 1, rng, texts=None)
     recs[-1].text = None
-    with make_store(tmp_path, sparse=True, store_text=False) as store:
+    with make_store(sparse=True, store_text=False) as store:
         store.ensure_collection(DIM)
         store.upsert(recs)
         assert store.count() == 3
@@ -175,7 +197,7 @@ def test_empty_text_still_upserts_with_sparse(tmp_path):
 
 def test_int8_quantization_and_on_disk(tmp_path):
     rng = np.random.default_rng(7)
-    with make_store(tmp_path, quantization="int8", on_disk_vectors=True, distance="dot") as store:
+    with server_store(tmp_path, quantization="int8", on_disk_vectors=True, distance="dot") as store:
         store.ensure_collection(DIM)
         params = store.client.get_collection("test").config.params.vectors["dense"]
         assert params.on_disk is True and params.distance == models.Distance.DOT
@@ -189,7 +211,7 @@ def test_int8_quantization_and_on_disk(tmp_path):
 
 def test_cluster_layout_reaches_create_collection(tmp_path):
     """shards / replicas go to Qdrant's create_collection (a server honours them, local mode ignores them)."""
-    with make_store(tmp_path, shards=6, replication_factor=2, write_consistency_factor=2) as store:
+    with server_store(tmp_path, shards=6, replication_factor=2, write_consistency_factor=2) as store:
         real, seen = store.client.create_collection, []
 
         def spy(*args, **kwargs):  # the real local call still runs
@@ -212,7 +234,7 @@ def test_retries_transient_errors_only(tmp_path, monkeypatch):
     assert not is_transient(UnexpectedResponse(400, "Bad Request", b"", None))
     assert is_transient(TimeoutError()) and not is_transient(ValueError())
     rng = np.random.default_rng(8)
-    with make_store(tmp_path, max_retries=3) as store:
+    with server_store(tmp_path, max_retries=3) as store:
         store.ensure_collection(DIM)
         store._retrying = store._retrying.copy(wait=wait_none())
         real, calls = store.client.upsert, []
@@ -246,31 +268,81 @@ def test_api_key_from_env(monkeypatch):
 
 
 class FakeServer:
-    """Just enough of QdrantClient for bulk_load's server path."""
+    """Just enough of QdrantClient for bulk_load's server path (threshold and collection metadata)."""
 
-    def __init__(self, threshold):
-        self.threshold, self.updates = threshold, []
+    def __init__(self, threshold, metadata=None):
+        self.threshold, self.metadata, self.updates = threshold, dict(metadata or {}), []
 
     def get_collection(self, name):
         from types import SimpleNamespace
 
-        return SimpleNamespace(config=SimpleNamespace(optimizer_config=SimpleNamespace(indexing_threshold=self.threshold)))
+        return SimpleNamespace(config=SimpleNamespace(
+            optimizer_config=SimpleNamespace(indexing_threshold=self.threshold), metadata=dict(self.metadata)))
 
-    def update_collection(self, name, optimizers_config):
-        self.updates.append(optimizers_config.indexing_threshold)
-        self.threshold = optimizers_config.indexing_threshold
+    def update_collection(self, name, optimizers_config=None, metadata=None):
+        if optimizers_config is not None:
+            self.updates.append(optimizers_config.indexing_threshold)
+            self.threshold = optimizers_config.indexing_threshold
+        for key, value in (metadata or {}).items():
+            if value is None:
+                self.metadata.pop(key, None)
+            else:
+                self.metadata[key] = value
 
     def close(self):
         pass
 
 
+def fake_server_store(fake) -> ServerStore:
+    return ServerStore(StoreConfig(url="http://qdrant:6333", collection="test"), client=fake)
+
+
 @pytest.mark.parametrize("previous, expected", [(20000, [0, 20000]), (None, [0, 10000]), (0, [])])
-def test_bulk_load_pauses_indexing_on_a_server_and_restores_it_on_error(tmp_path, previous, expected):
-    store = make_store(tmp_path)
-    store.close()
-    store.cfg = StoreConfig(url="http://qdrant:6333", collection="test")
-    store.client = fake = FakeServer(previous)
+def test_bulk_load_pauses_indexing_on_a_server_and_restores_it_on_error(previous, expected):
+    fake = FakeServer(previous)
+    store = fake_server_store(fake)
     with pytest.raises(RuntimeError), store.bulk_load():
         assert fake.threshold == 0
+        if previous:
+            assert fake.metadata[PAUSED_KEY] == previous  # recorded before pausing
         raise RuntimeError("writer failed")
-    assert fake.updates == expected
+    assert fake.updates == expected and PAUSED_KEY not in fake.metadata
+
+
+def test_bulk_load_repairs_a_threshold_left_paused_by_a_killed_load():
+    """A load SIGKILLed while paused leaves threshold 0 and the recorded value: the next load restores it."""
+    fake = FakeServer(0, {PAUSED_KEY: 20000})
+    with fake_server_store(fake).bulk_load():
+        assert fake.threshold == 0
+    assert fake.threshold == 20000 and PAUSED_KEY not in fake.metadata
+
+
+def test_fingerprint_mismatch_is_one_line_naming_what_differs(make_store):
+    base = {"version": 1, "model": {"name": "/a/model", "digest": "abc"},
+            "function": {"pooling": "mean", "max_length": 256, "documents": {"windows": "first"}},
+            "vector": {"size": DIM, "distance": "cosine"}, "sparse": None}
+    with make_store() as store:
+        store.ensure_collection(DIM, base)
+        assert store.fingerprint() == base
+        moved = {**base, "model": {"name": "/elsewhere/model", "digest": "abc"}}  # same weights, other path
+        store.ensure_collection(DIM, moved)
+        other = {**base, "function": {**base["function"], "pooling": "last", "documents": {"windows": "best"}}}
+        with pytest.raises(ConfigError) as err:
+            store.ensure_collection(DIM, other)
+    msg = str(err.value)
+    assert "function.pooling (stored 'mean', now 'last')" in msg and "function.documents.windows" in msg
+    assert "recreate" in msg and "\n" not in msg
+
+
+def test_edge_int8_quantization_on_disk_and_index_build(tmp_path):
+    rng = np.random.default_rng(9)
+    cfg = StoreConfig(path=str(tmp_path / "q"), collection="test", quantization="int8", on_disk_vectors=True,
+                      distance="dot")
+    with EdgeStore(cfg) as store:
+        store.ensure_collection(DIM)
+        recs = records("a", 40, rng)
+        with store.bulk_load():  # flush + optimize (HNSW) at the end
+            store.upsert(recs)
+        assert store.count() == 40
+        assert store.search(recs[7].vector, None, top_k=1)[0].chunk_index == 7
+    assert '"Dot"' in (tmp_path / "q" / "test" / "shard" / "edge_config.json").read_text()

@@ -54,4 +54,8 @@ class EmbedCorpusConfig(ConfigModel):
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     skip_existing: bool = Field(True, description="Documents already fully in the collection are not re-embedded.")
+    recreate: bool = Field(
+        False, description="Delete the collection first and embed everything again (e.g. after changing the model "
+        "or the document policy; without it such a change is an error naming what differs).",
+    )
     summary_path: str | None = Field(None, description="Where the JSON summary goes (default: printed only).")

@@ -2,8 +2,9 @@
 
 Idempotent and resumable: point ids are uuid5(collection, doc_id, chunk), a document counts as present only
 when all its chunks are, and documents that are partly present (a crash mid-document) are deleted and
-rewritten. Writes go through the driver, the one process allowed to open a local-mode Qdrant path; against a
-Qdrant server the same code runs unchanged.
+rewritten. Writes go through the driver, the one process holding the embedded (Edge) store open; against a
+Qdrant server the same code runs unchanged. The collection carries the embedding fingerprint: a rerun with
+another embedding function stops before writing (or, with `recreate`, starts the collection over).
 """
 
 from __future__ import annotations
@@ -93,14 +94,19 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
     import ray.data
 
     from diffembed.batch.reading import read_corpus
-    from diffembed.index.store import ChunkRecord, QdrantStore
+    from diffembed.index.fingerprint import embedding_fingerprint
+    from diffembed.index.store import ChunkRecord, open_store
 
     started = time.perf_counter()
     dim = model_dimension(cfg.embedder)
     ds = read_corpus(cfg.input)  # validates inputs and columns before anything is written
-    store = QdrantStore(cfg.store)
+    fingerprint = embedding_fingerprint(cfg.embedder, dim, cfg.store.distance, cfg.store.sparse)
+    store = open_store(cfg.store)
     try:
-        store.ensure_collection(dim)  # a dimension mismatch fails here, before any write
+        if cfg.recreate:
+            store.drop()  # an explicit re-embed: the old vectors came from another embedding function
+        # a size, distance or embedding-function mismatch fails here, before any write
+        store.ensure_collection(dim, fingerprint)
         if not ray.is_initialized():
             ray.init()
 

@@ -79,7 +79,7 @@ class RetrievalConfig(ConfigModel):
     backend: Literal["exact", "qdrant"] = Field(
         "exact",
         description="exact: every document encoded in this process, brute-force scores. qdrant: the corpus goes "
-        "through the embed_corpus batch job into a collection, queries through QdrantStore.search.",
+        "through the embed_corpus batch job into a collection, queries through the store's search.",
     )
     mode: Literal["dense", "sparse", "hybrid"] = Field(
         "dense", description="sparse (BM25) and hybrid (dense + BM25, RRF) need backend qdrant."

@@ -2,7 +2,7 @@
 
 Every task becomes a `RetrievalData` (documents, judged queries, qrels); documents are retrieved either
 exactly in this process or through the platform's own path (the embed_corpus batch job into Qdrant, then
-`QdrantStore.search`), and the run is scored with pytrec_eval. Long documents are handled as in the batch
+the store interface's `search`), and the run is scored with pytrec_eval. Long documents are handled as in the batch
 job and the service: the embedder's document policy (`embedder.documents`) decides a document's vector(s) —
 its first window, its windows averaged, or every window with the document scored by its best one. Both
 backends rank by cosine similarity, so they agree on the same data.
@@ -96,15 +96,17 @@ def index_corpus(cfg: EvalConfig, data: RetrievalData, store_cfg, progress: bool
     """Write the task's corpus into its collection through the embed_corpus batch job (Ray Data)."""
     from diffembed.batch.config import EmbedCorpusConfig, InputConfig
     from diffembed.batch.pipeline import embed_corpus, model_dimension
-    from diffembed.index.store import QdrantStore
+    from diffembed.index.fingerprint import embedding_fingerprint
+    from diffembed.index.store import open_store
 
     doc_ids, texts, titles = _texts(data)
-    with QdrantStore(store_cfg) as store:
-        exists = store.client.collection_exists(store_cfg.collection)
+    with open_store(store_cfg) as store:
+        exists = store.exists()
         if exists and not cfg.retrieval.reuse_collections:
-            store.client.delete_collection(store_cfg.collection)  # stale vectors would score a different model
+            store.drop()  # stale vectors would score a different model
         elif exists:
-            store.ensure_collection(model_dimension(cfg.embedder))  # size, distance, BM25: ConfigError if unfit
+            dim = model_dimension(cfg.embedder)  # size, distance, BM25, embedding function: ConfigError if unfit
+            store.ensure_collection(dim, embedding_fingerprint(cfg.embedder, dim, store_cfg.distance, store_cfg.sparse))
             if len(store.complete_docs(doc_ids)) == len(doc_ids):
                 return {"collection": store_cfg.collection, "reused": True, "documents": len(doc_ids)}
     corpus_file = Path(cfg.output_dir) / "corpora" / f"{collection_name(cfg, data.name)}.jsonl"
@@ -125,8 +127,8 @@ def index_corpus(cfg: EvalConfig, data: RetrievalData, store_cfg, progress: bool
 
 def search_run(cfg: EvalConfig, embedder, data: RetrievalData, store_cfg, instruction: str | None = None
                ) -> dict[str, dict[str, float]]:
-    """Every query through `QdrantStore.search` (dense, sparse or hybrid), each document's best chunk."""
-    from diffembed.index.store import QdrantStore
+    """Every query through the store interface's `search` (dense, sparse or hybrid), each document's best chunk."""
+    from diffembed.index.store import open_store
 
     mode, top_k = cfg.retrieval.mode, cfg.retrieval.top_k
     qids = list(data.queries)
@@ -134,7 +136,7 @@ def search_run(cfg: EvalConfig, embedder, data: RetrievalData, store_cfg, instru
     if mode != "sparse":
         dense = embedder.encode_queries([data.queries[q] for q in qids], instruction=instruction)  # (Q, D)
     run: dict[str, dict[str, float]] = {}
-    with QdrantStore(store_cfg) as store:
+    with open_store(store_cfg) as store:
         points = store.count()
         for i, qid in enumerate(qids):
             run[qid] = _best_chunk_per_doc(

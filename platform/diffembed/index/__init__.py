@@ -1,5 +1,7 @@
-"""The Qdrant vector store shared by the batch-embedding job and the retrieval service.
+"""The vector store shared by the batch-embedding job, the retrieval service, evaluation and the demo.
 
-`config.StoreConfig` says where and how vectors are stored, `store.QdrantStore` writes chunk records
-idempotently and searches them (dense, BM25 sparse or hybrid), `sparse` builds the BM25 vectors.
+`config.StoreConfig` says where and how vectors are stored; `store` holds the one store interface
+(`VectorStore`, `open_store`) and the point layout; `edge` (Qdrant Edge, embedded, the default) and `server`
+(a Qdrant server through qdrant-client) implement it; `fingerprint` names the embedding function a collection
+was made with; `sparse` builds the BM25 vectors both backends store.
 """

@@ -1,4 +1,4 @@
-"""Where embeddings are stored: one Qdrant collection, on a server (`url`) or in local mode (`path`)."""
+"""Where embeddings are stored: one Qdrant collection, on a server (`url`) or embedded with Qdrant Edge (`path`)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,15 @@ class StoreConfig(ConfigModel):
     so both agree on the vector name, distance and whether a BM25 sparse vector exists.
     """
 
-    url: str | None = Field(None, description="Qdrant server, e.g. http://qdrant:6333. None: local mode under `path`.")
+    url: str | None = Field(
+        None, description="Qdrant server, e.g. http://qdrant:6333 (the `server` backend). None: the embedded Qdrant "
+        "Edge store under `path` (the `edge` backend)."
+    )
     api_key: str | None = Field(None, repr=False, description="Server API key; read from QDRANT_API_KEY when unset.")
-    path: str = Field("qdrant_data", description="Local-mode storage folder (one process at a time: it is locked).")
+    path: str = Field(
+        "qdrant_data", description="Edge: the folder holding one sub-folder per collection (one process at a time)."
+    )
+    prefer_grpc: bool = Field(False, description="Server: talk gRPC (port 6334) instead of REST, faster for bulk writes.")
     collection: str = "diffembed"
     vector_name: str = Field("dense", description="Name of the dense vector in each point.")
     distance: Literal["cosine", "dot", "euclid"] = "cosine"

@@ -15,7 +15,7 @@ import torch
 
 from diffembed.config import ConfigError, EmbedderConfig
 from diffembed.documents import Windows, titles_or_none
-from diffembed.models.loading import Backbone, load_backbone, quiet_transformers, with_saved_config
+from diffembed.models.loading import Backbone, load_backbone, quiet_transformers, resolve_defaults, with_saved_config
 from diffembed.models.pooling import finish, pool
 
 
@@ -64,24 +64,11 @@ class Embedder:
         self.tokenizer = self.backbone.tokenizer
         self.device = next(self.model.parameters()).device
         # The resolved config: every default is filled in, so it can be saved next to exported weights.
-        attention = self.backbone.attention
-        pooling = config.pooling or self.backbone.family.default_pooling(attention)
-        if pooling == "cls" and attention == "causal":
-            raise ConfigError("cls pooling with causal attention reads a token that sees only itself; "
-                              "use pooling last or mean, or bidirectional attention")
-        self.config = config.model_copy(
-            update={
-                "family": self.backbone.family.name,
-                "attention": attention,
-                "pooling": pooling,
-                # Last-token pooling reads the state of a final EOS (encoders already end in [SEP]).
-                "append_eos": (pooling == "last" and self.tokenizer.eos_token_id is not None)
-                if config.append_eos is None
-                else config.append_eos,
-                "max_length": config.max_length or self.backbone.default_max_length,
-                "max_batch_tokens": config.max_batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type == "cuda"],
-            }
-        )
+        self.config = resolve_defaults(
+            config, self.backbone.family, self.backbone.attention, self.tokenizer, self.backbone.default_max_length
+        ).model_copy(update={
+            "max_batch_tokens": config.max_batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type == "cuda"],
+        })
         if self.config.append_eos and self.tokenizer.eos_token_id is None:
             raise ConfigError("append_eos is on but the tokenizer has no EOS token")
         self._prefix, self._suffix = self._special_tokens()

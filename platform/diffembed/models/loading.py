@@ -255,6 +255,40 @@ def load_backbone(cfg: EmbedderConfig, device: torch.device | None = None) -> Ba
     )
 
 
+def resolve_defaults(cfg: EmbedderConfig, family: FamilySpec, attention: str, tokenizer: PreTrainedTokenizerBase,
+                     default_length: int) -> EmbedderConfig:
+    """`cfg` with the family's defaults filled in (family, attention, pooling, EOS, max_length): the embedding
+    function as the Embedder computes it."""
+    pooling = cfg.pooling or family.default_pooling(attention)
+    if pooling == "cls" and attention == "causal":
+        raise ConfigError("cls pooling with causal attention reads a token that sees only itself; "
+                          "use pooling last or mean, or bidirectional attention")
+    return cfg.model_copy(update={
+        "family": family.name,
+        "attention": attention,
+        "pooling": pooling,
+        # Last-token pooling reads the state of a final EOS (encoders already end in [SEP]).
+        "append_eos": (pooling == "last" and tokenizer.eos_token_id is not None)
+        if cfg.append_eos is None else cfg.append_eos,
+        "max_length": cfg.max_length or default_length,
+    })
+
+
+def resolve_embedding_function(cfg: EmbedderConfig) -> dict[str, Any]:
+    """The resolved embedding function of `cfg` (what `Embedder(cfg).config.embedding_function()` gives) from
+    config.json and the tokenizer alone: no weights are loaded (a job's driver may sit on a small head node)."""
+    cfg = with_saved_config(cfg)
+    path = resolve_model_path(cfg.model)
+    raw = read_json(path / "config.json")
+    family = resolve_family(cfg, raw, path)
+    attention = resolve_attention(cfg, family)
+    with quiet_transformers():
+        tokenizer = load_tokenizer(path, family)
+        hf_config = family.build_config(raw, str(path))
+    length = default_max_length(path, hf_config, tokenizer, family)
+    return resolve_defaults(cfg, family, attention, tokenizer, length).embedding_function()
+
+
 def merge_lora(model: PreTrainedModel, adapter: str | os.PathLike) -> PreTrainedModel:
     adapter = Path(adapter).expanduser()
     if not (adapter / "adapter_config.json").is_file():

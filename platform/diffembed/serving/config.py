@@ -70,7 +70,7 @@ class ServeArgs(ConfigModel):
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     store: StoreConfig | None = Field(None, description="None: no /search route (embeddings only).")
     encoder: EncoderArgs = Field(default_factory=EncoderArgs)
-    retriever_replicas: int = Field(1, ge=1, description="Forced to 1 for a local-mode store (its path is locked).")
+    retriever_replicas: int = Field(1, ge=1, description="Forced to 1 for the embedded Edge store (one process per path).")
     retriever_num_cpus: float = Field(0.1, ge=0)
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.1, ge=0)

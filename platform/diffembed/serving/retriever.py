@@ -1,13 +1,14 @@
 """The retriever deployment: query -> encoder (through its handle) -> Qdrant -> hits grouped per document.
 
 Every Qdrant point is one chunk; a document can match with several chunks, so the retriever asks for more
-chunks than `top_k` and keeps each document's best chunk. Local-mode Qdrant (a `path`) is locked to one
+chunks than `top_k` and keeps each document's best chunk. The embedded Qdrant Edge store (a `path`) is open in one
 process, so with a path this deployment always runs exactly one replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -135,11 +136,11 @@ def classify_store_error(
 
 def check_filter(spec: dict[str, Any] | None) -> None:
     """BadSearchRequest naming the first filter entry that cannot become a Qdrant condition."""
-    from diffembed.index.store import payload_filter
+    from diffembed.index.store import validate_filter
 
     for key, value in (spec or {}).items():
         try:
-            payload_filter({key: value})
+            validate_filter({key: value})
         except (ValueError, TypeError) as exc:
             if isinstance(value, (list, tuple)):
                 why = "a list must hold only strings or only integers"
@@ -150,12 +151,13 @@ def check_filter(spec: dict[str, Any] | None) -> None:
 
 class RetrieverImpl:
     def __init__(self, store: dict[str, Any], encoder):
-        from diffembed.index.store import QdrantStore
+        from diffembed.index.store import open_store
 
         self.cfg = StoreConfig.model_validate(store)
-        self.store = QdrantStore(self.cfg)
+        self.store = open_store(self.cfg)
         self.encoder = encoder
-        self._lock = asyncio.Lock()  # the local client is not meant for concurrent use
+        # the embedded store is one in-process shard: its calls go one at a time; a server takes them concurrently
+        self._lock = asyncio.Lock() if self.store.backend == "edge" else contextlib.nullcontext()
 
     async def _store_call(self, fn, *args, caller_input: bool = False, **kwargs):
         """Run a store call in a thread; its failure becomes BadSearchRequest (422) or StoreUnavailable (503)."""
@@ -173,12 +175,12 @@ class RetrieverImpl:
 
     def _exists(self) -> bool:
         try:
-            return bool(self.store.client.collection_exists(self.cfg.collection))
+            return bool(self.store.exists())
         except Exception:
             return False
 
     def _missing(self) -> str:
-        where = self.cfg.url or f"local path {self.cfg.path!r}"
+        where = self.cfg.url or f"the embedded store {self.cfg.path!r}"
         return f"collection {self.cfg.collection!r} does not exist at {where}; fill it with the embed_corpus job first"
 
     async def ready(self) -> dict[str, Any]:

@@ -1,0 +1,378 @@
+"""The server backend of the store interface: a Qdrant server or cluster (`store.url`) through qdrant-client.
+
+Requests are retried on connection errors, timeouts and 5xx (never on 4xx); the API key comes from
+`QDRANT_API_KEY`; collections the job creates get the configured shards/replicas. The embedding fingerprint
+lives in the collection's metadata. HNSW indexing is paused during a bulk load (indexing threshold 0) and
+restored at its end; the threshold to restore is recorded in the collection's metadata first, so a run killed
+mid-load is repaired by the next one at its start. Tests use qdrant-client's local mode as a stand-in for the
+server's client API (`ServerStore(cfg, client=QdrantClient(path=...))`); the product never does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import numpy as np
+from pydantic import ValidationError
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from diffembed.config import ConfigError
+from diffembed.index.config import StoreConfig
+from diffembed.index.fingerprint import mismatch_message
+from diffembed.index.sparse import SPARSE_VECTOR_NAME, document_vector, query_vector
+from diffembed.index.store import (
+    HYBRID_PREFETCH,
+    PAYLOAD_KEYS,
+    RRF_K,
+    ChunkRecord,
+    Hit,
+    SearchMode,
+    StoredPoint,
+    check_search,
+    complete_from_payloads,
+    dense_list,
+    point_id,
+    point_payload,
+    validate_filter,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SERVER_DEFAULT_INDEXING_THRESHOLD = 10_000  # what the server uses when a collection sets none
+ID_BATCH = 256  # doc ids per MatchAny filter: keeps request bodies small
+SCROLL_PAGE = 1024
+_DISTANCES = {"cosine": models.Distance.COSINE, "dot": models.Distance.DOT, "euclid": models.Distance.EUCLID}
+FINGERPRINT_KEY = "diffembed_fingerprint"
+PAUSED_KEY = "diffembed_paused_indexing_threshold"  # set while a bulk load has indexing paused
+
+
+def server_filter(spec: dict[str, Any] | None) -> models.Filter | None:
+    """A `validate_filter` spec as qdrant-client's Filter (exact match, or match-any for a list)."""
+    conditions = []
+    for key, value in validate_filter(spec):
+        match = models.MatchAny(any=list(value)) if isinstance(value, list) else models.MatchValue(value=value)
+        conditions.append(models.FieldCondition(key=key, match=match))
+    return models.Filter(must=conditions) if conditions else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection problems, timeouts and 5xx are worth retrying; 4xx (bad request, wrong size) never are."""
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code is not None and exc.status_code >= 500
+    if isinstance(exc, ResponseHandlingException):
+        # wraps transport errors, but also a response body that fails to parse, which a retry won't fix
+        return not isinstance(exc.source, ValidationError)
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+class ServerStore:
+    """A Qdrant server collection of document points; see the module docstring. Use as a context manager."""
+
+    backend = "server"
+
+    def __init__(self, cfg: StoreConfig, client: QdrantClient | None = None):
+        self.cfg = cfg
+        if client is not None:  # tests: qdrant-client local mode standing in for a server
+            self.client = client
+        elif cfg.url:
+            self.client = QdrantClient(url=cfg.url, api_key=cfg.api_key, timeout=math.ceil(cfg.timeout_s),
+                                       prefer_grpc=cfg.prefer_grpc)
+        else:
+            raise ConfigError("the server backend needs store.url")
+        self._retrying = Retrying(
+            stop=stop_after_attempt(cfg.max_retries),
+            wait=wait_exponential_jitter(initial=0.5, max=30),
+            retry=retry_if_exception(is_transient),
+            before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        )
+
+    @property
+    def local(self) -> bool:
+        """qdrant-client local mode (the test stand-in): no payload indexes, no HNSW to pause."""
+        return not self.cfg.url
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self._retrying.copy()(fn, *args, **kwargs)  # a copy per call: Retrying keeps per-call state
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> ServerStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- collection -----------------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return bool(self._call(self.client.collection_exists, self.cfg.collection))
+
+    def _metadata(self) -> dict[str, Any]:
+        info = self._call(self.client.get_collection, self.cfg.collection)
+        return dict(getattr(info.config, "metadata", None) or {})
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        return self._metadata().get(FINGERPRINT_KEY) if self.exists() else None
+
+    def drop(self) -> None:
+        if self.exists():
+            self._call(self.client.delete_collection, self.cfg.collection)
+
+    def ensure_collection(self, dim: int, fingerprint: dict[str, Any] | None = None) -> None:
+        """Create the collection for `dim`-dim vectors, or check that the existing one fits (ConfigError if not)."""
+        name = self.cfg.collection
+        if self._call(self.client.collection_exists, name):
+            self._check_existing(dim, fingerprint)
+            return
+        quantization = None
+        if self.cfg.quantization == "int8":
+            quantization = models.ScalarQuantization(
+                scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True)
+            )
+        vectors = {
+            self.cfg.vector_name: models.VectorParams(
+                size=dim,
+                distance=_DISTANCES[self.cfg.distance],
+                on_disk=self.cfg.on_disk_vectors,
+                quantization_config=quantization,  # per vector: only the dense one is quantized
+            )
+        }
+        sparse = (
+            {SPARSE_VECTOR_NAME: models.SparseVectorParams(modifier=models.Modifier.IDF)} if self.cfg.sparse else None
+        )
+        try:
+            self._call(
+                self.client.create_collection, name, vectors_config=vectors, sparse_vectors_config=sparse,
+                # the cluster layout; local mode has one shard and ignores these
+                shard_number=self.cfg.shards, replication_factor=self.cfg.replication_factor,
+                write_consistency_factor=self.cfg.write_consistency_factor,
+                metadata={FINGERPRINT_KEY: fingerprint} if fingerprint is not None else None,
+            )
+        except Exception:
+            # another process may have created it between our check and our create
+            if not self._call(self.client.collection_exists, name):
+                raise
+            self._check_existing(dim, fingerprint)
+            return
+        self._index_doc_id()
+
+    def _index_doc_id(self) -> None:
+        # complete_docs/delete_docs filter on doc_id; without an index the server scans every payload
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Payload indexes have no effect in the local Qdrant")
+            self._call(
+                self.client.create_payload_index,
+                self.cfg.collection,
+                "doc_id",
+                field_schema=models.PayloadSchemaType.KEYWORD,
+                wait=True,
+            )
+
+    def _check_existing(self, dim: int, fingerprint: dict[str, Any] | None = None) -> None:
+        cfg, name = self.cfg, self.cfg.collection
+        info = self._call(self.client.get_collection, name)
+        params = info.config.params
+        vectors = params.vectors
+        if not isinstance(vectors, dict) or cfg.vector_name not in vectors:
+            have = sorted(vectors) if isinstance(vectors, dict) else ("an unnamed vector" if vectors else "none")
+            raise ConfigError(
+                f"collection {name!r} has no dense vector named {cfg.vector_name!r} (it has: {have}); "
+                f"set store.vector_name or store.collection"
+            )
+        existing = vectors[cfg.vector_name]
+        distance = _DISTANCES[cfg.distance]
+        if existing.size != dim or existing.distance != distance:
+            stored = f"{existing.size}-dim {existing.distance.value.lower()} vectors under {cfg.vector_name!r}"
+            if existing.size != dim:
+                wanted = f"this model gives {dim}"
+                if existing.distance != distance:
+                    wanted += f" and the config asks for {cfg.distance}"
+            else:
+                wanted = f"the config asks for {cfg.distance}"
+            raise ConfigError(f"collection {name!r} stores {stored}; {wanted}")
+        if cfg.sparse:
+            sparse = (params.sparse_vectors or {}).get(SPARSE_VECTOR_NAME)
+            if sparse is None:
+                raise ConfigError(
+                    f"collection {name!r} has no sparse vector {SPARSE_VECTOR_NAME!r}; store.sparse=true needs a "
+                    f"collection created with it (use another store.collection)"
+                )
+            if sparse.modifier != models.Modifier.IDF:
+                raise ConfigError(
+                    f"collection {name!r} has sparse vector {SPARSE_VECTOR_NAME!r} without the IDF modifier; "
+                    f"its BM25 scores would be wrong (use another store.collection)"
+                )
+        stored = (getattr(info.config, "metadata", None) or {}).get(FINGERPRINT_KEY)
+        if fingerprint is not None and stored is not None:
+            message = mismatch_message(name, stored, fingerprint)
+            if message:
+                raise ConfigError(message)
+        if not self.local and "doc_id" not in (info.payload_schema or {}):
+            self._index_doc_id()
+
+    # -- writes ---------------------------------------------------------------------------------------
+
+    def _point(self, record: ChunkRecord) -> models.PointStruct:
+        vectors: dict[str, Any] = {self.cfg.vector_name: dense_list(record)}
+        if self.cfg.sparse:
+            bm25 = document_vector(record.text or "")
+            if bm25.indices:  # a text without terms has no sparse vector at all rather than an empty one
+                vectors[SPARSE_VECTOR_NAME] = bm25
+        return models.PointStruct(id=point_id(self.cfg.collection, record.doc_id, record.chunk_index),
+                                  vector=vectors, payload=point_payload(record, self.cfg.store_text))
+
+    def upsert(self, records: Sequence[ChunkRecord]) -> None:
+        """Write (or overwrite) these points, in batches of upsert_batch_size, each acknowledged before the next."""
+        self._write([self._point(r) for r in records])
+
+    def upsert_points(self, points: Sequence[StoredPoint]) -> None:
+        self._write([
+            models.PointStruct(id=p.id, payload=p.payload, vector={
+                name: models.SparseVector(indices=list(v[0]), values=list(v[1])) if isinstance(v, tuple) else v
+                for name, v in p.vectors.items()
+            })
+            for p in points
+        ])
+
+    def _write(self, points: list[models.PointStruct]) -> None:
+        size = self.cfg.upsert_batch_size
+        for start in range(0, len(points), size):
+            self._call(
+                self.client.upsert, collection_name=self.cfg.collection, points=points[start : start + size], wait=True
+            )
+
+    def _doc_filter(self, doc_ids: list[str]) -> models.Filter:
+        return models.Filter(must=[models.FieldCondition(key="doc_id", match=models.MatchAny(any=doc_ids))])
+
+    def complete_docs(self, doc_ids: Sequence[str]) -> set[str]:
+        """The documents among `doc_ids` whose every point (0..n_chunks-1 of one chunking) is stored."""
+        ids = list(dict.fromkeys(str(d) for d in doc_ids))
+
+        def payloads() -> Iterator[dict]:
+            for start in range(0, len(ids), ID_BATCH):
+                flt, offset = self._doc_filter(ids[start : start + ID_BATCH]), None
+                while True:
+                    points, offset = self._call(
+                        self.client.scroll, collection_name=self.cfg.collection, scroll_filter=flt,
+                        limit=SCROLL_PAGE, offset=offset, with_payload=PAYLOAD_KEYS, with_vectors=False,
+                    )
+                    for p in points:
+                        yield p.payload
+                    if offset is None:
+                        break
+
+        return complete_from_payloads(payloads())
+
+    def delete_docs(self, doc_ids: Sequence[str]) -> None:
+        """Delete every point of these documents."""
+        ids = list(dict.fromkeys(str(d) for d in doc_ids))
+        for start in range(0, len(ids), ID_BATCH):
+            self._call(
+                self.client.delete,
+                collection_name=self.cfg.collection,
+                points_selector=models.FilterSelector(filter=self._doc_filter(ids[start : start + ID_BATCH])),
+                wait=True,
+            )
+
+    @contextmanager
+    def bulk_load(self) -> Iterator[None]:
+        """Pause HNSW indexing while loading, so the index is built once at the end.
+
+        The threshold to restore is written to the collection's metadata before pausing; a load that was killed
+        (threshold left at 0) is repaired at the start of the next one. Enter it once per load (the job's
+        driver), not per writer.
+        """
+        if self.local or not self.cfg.pause_indexing_during_load:
+            yield  # the local-mode stand-in builds no index: nothing to pause
+            return
+        name = self.cfg.collection
+        info = self._call(self.client.get_collection, name)
+        metadata = dict(getattr(info.config, "metadata", None) or {})
+        current = info.config.optimizer_config.indexing_threshold
+        if PAUSED_KEY in metadata:  # an earlier load died while paused: its recorded threshold is the real one
+            restore = metadata[PAUSED_KEY]
+            log.warning("collection %s: indexing was left paused by an interrupted load; restoring %s", name, restore)
+        elif current == 0:
+            yield  # paused by someone else, on purpose: leave it to them
+            return
+        else:
+            restore = SERVER_DEFAULT_INDEXING_THRESHOLD if current is None else current
+            self._call(self.client.update_collection, name, metadata={PAUSED_KEY: restore})
+        self._call(self.client.update_collection, name,
+                   optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0))
+        try:
+            yield
+        finally:
+            self._call(self.client.update_collection, name,
+                       optimizers_config=models.OptimizersConfigDiff(indexing_threshold=restore))
+            self._call(self.client.update_collection, name, metadata={PAUSED_KEY: None})
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        return self._call(self.client.count, self.cfg.collection, exact=True).count
+
+    def search(
+        self,
+        dense: np.ndarray | None,
+        text: str | None,
+        top_k: int = 10,
+        mode: SearchMode = "dense",
+        filter: dict[str, Any] | None = None,
+    ) -> list[Hit]:
+        """Top points for a query: by its dense vector, by BM25 on its text, or both fused with RRF (k=RRF_K).
+
+        `filter` is a `validate_filter` spec, e.g. {"doc_id": ["a", "b"], "meta.lang": "en"}.
+        """
+        check_search(self.cfg, dense, text, mode)
+        flt = server_filter(filter)
+        dense_q = None if dense is None else np.asarray(dense, dtype=np.float32).reshape(-1).tolist()
+        sparse_q = query_vector(text) if mode != "dense" and text is not None else None
+        kwargs: dict[str, Any] = {}
+        if mode == "dense":
+            kwargs = {"query": dense_q, "using": self.cfg.vector_name}
+        elif mode == "sparse":
+            if not sparse_q.indices:
+                return []  # a text of stopwords only matches nothing
+            kwargs = {"query": sparse_q, "using": SPARSE_VECTOR_NAME}
+        else:
+            limit = HYBRID_PREFETCH * top_k
+            prefetch = [models.Prefetch(query=dense_q, using=self.cfg.vector_name, limit=limit, filter=flt)]
+            if sparse_q.indices:
+                prefetch.append(models.Prefetch(query=sparse_q, using=SPARSE_VECTOR_NAME, limit=limit, filter=flt))
+            kwargs = {"prefetch": prefetch, "query": models.RrfQuery(rrf=models.Rrf(k=RRF_K))}
+        response = self._call(
+            self.client.query_points,
+            collection_name=self.cfg.collection,
+            query_filter=flt,
+            limit=top_k,
+            with_payload=True,
+            **kwargs,
+        )
+        return [Hit.from_scored(p.id, p.score, p.payload) for p in response.points]
+
+    def iter_points(self, batch_size: int = 256) -> Iterator[list[StoredPoint]]:
+        offset = None
+        while True:
+            points, offset = self._call(self.client.scroll, collection_name=self.cfg.collection, limit=batch_size,
+                                        offset=offset, with_payload=True, with_vectors=True)
+            out = []
+            for p in points:
+                vectors = {}
+                for name, value in (p.vector or {}).items():
+                    vectors[name] = (list(value.indices), list(value.values)) if hasattr(value, "indices") else value
+                out.append(StoredPoint(str(p.id), vectors, p.payload or {}))
+            if out:
+                yield out
+            if offset is None:
+                return
