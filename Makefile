@@ -46,6 +46,7 @@ bench: install
 	$(PY) bench/encode_throughput.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/eval_throughput.py
+	$(PY) bench/store_throughput.py --points 100000
 
 # Refresh the lock after changing dependencies in pyproject.toml.
 lock: install

@@ -63,3 +63,22 @@ def test_old_exports_still_load_runtime_keys_ignored_with_one_warning(model_path
     assert emb.config.documents.windows == "mean" and emb.config.documents.overlap == 8  # chunk -> mean
     assert (emb.config.attention, emb.config.max_length) == ("bidirectional", 64)
     assert emb.encode_documents(["hello world"]).dtype == np.float32
+
+
+def test_embedding_function_resolves_without_weights_as_the_embedder_does(model_path, tmp_path):
+    """The store fingerprint's function (no weights loaded) equals the loaded Embedder's, for every family."""
+    from diffembed.index.fingerprint import embedding_fingerprint, model_digest
+    from diffembed.models.loading import resolve_embedding_function
+
+    for family in ("bert", "dream", "qwen2", "llama", "mistral", "llada"):
+        cfg = EmbedderConfig(model=model_path(family), max_batch_tokens=4096)
+        assert resolve_embedding_function(cfg) == Embedder(cfg).config.embedding_function(), family
+    # the model's identity is its content: a copy elsewhere has the same digest, other weights do not
+    src = model_path("qwen2")
+    copy = copy_model(src, tmp_path / "copy")
+    assert model_digest(copy) == model_digest(src) != model_digest(model_path("llama"))
+    a = embedding_fingerprint(EmbedderConfig(model=str(src)), 64, "cosine", True)
+    b = embedding_fingerprint(EmbedderConfig(model=str(copy)), 64, "cosine", True)
+    assert a["model"]["digest"] == b["model"]["digest"] and a["function"] == b["function"]
+    c = embedding_fingerprint(EmbedderConfig(model=str(src), documents={"windows": "mean"}), 64, "cosine", True)
+    assert c["function"]["documents"]["windows"] == "mean" != a["function"]["documents"]["windows"]

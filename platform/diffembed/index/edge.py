@@ -106,6 +106,7 @@ class EdgeStore:
         return meta
 
     def _missing(self) -> StoreError:
+        self._check_not_legacy()  # an old qdrant-client store here: say so rather than "does not exist"
         return StoreError(f"collection {self.cfg.collection!r} does not exist under {self.root}; "
                           "fill it with the embed_corpus job first")
 
@@ -341,6 +342,13 @@ class EdgeStore:
         except Exception as exc:  # in-process: a failing query is a bad request (filter path, value)
             raise ValueError(f"Qdrant Edge rejected the query: {' '.join(str(exc).split())[:300]}") from None
         return [Hit.from_scored(p.id, p.score, p.payload) for p in points]
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """The ids among `ids` that the collection holds."""
+        ids = list(ids)
+        if not ids:
+            return set()
+        return {str(r.id) for r in self._shard_handle().retrieve(ids, with_payload=False, with_vector=False)}
 
     def iter_points(self, batch_size: int = 256) -> Iterator[list[StoredPoint]]:
         import qdrant_edge as e

@@ -361,6 +361,14 @@ class ServerStore:
         )
         return [Hit.from_scored(p.id, p.score, p.payload) for p in response.points]
 
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """The ids among `ids` that the collection holds."""
+        ids = list(ids)
+        if not ids:
+            return set()
+        records = self._call(self.client.retrieve, self.cfg.collection, ids, with_payload=False, with_vectors=False)
+        return {str(r.id) for r in records}
+
     def iter_points(self, batch_size: int = 256) -> Iterator[list[StoredPoint]]:
         offset = None
         while True:

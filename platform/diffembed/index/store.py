@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from diffembed.config import ConfigError
 from diffembed.index.config import StoreConfig
 
 # Fixed forever: changing it would give every point a new id, so reruns would duplicate the collection.
@@ -35,8 +36,9 @@ HYBRID_PREFETCH = 4  # each of dense and BM25 contributes top_k * this candidate
 SearchMode = Literal["dense", "sparse", "hybrid"]
 
 
-class StoreError(RuntimeError):
-    """A store that cannot be used as asked; the message is one readable line."""
+class StoreError(ConfigError):
+    """A store that cannot be used as asked (missing, busy, damaged, written by a newer engine); one readable line.
+    A ConfigError, so jobs exit 2 with it; the Serve retriever reports it as 503."""
 
 
 class StoreBusy(StoreError):
@@ -135,7 +137,7 @@ def validate_filter(spec: dict[str, Any] | None) -> list[tuple[str, Any]]:
         if isinstance(value, (list, tuple, set, frozenset)):
             values = list(value)
             kinds = {bool if isinstance(v, bool) else type(v) for v in values}
-            if not values or not (kinds <= {str} or kinds <= {int}):
+            if not (kinds <= {str} or kinds <= {int}):  # an empty list matches nothing
                 raise ValueError(f"filter {key!r}: a list must hold only strings or only integers")
             out.append((key, values))
         elif isinstance(value, (str, bool, int)):
@@ -182,6 +184,8 @@ class VectorStore(Protocol):
 
     def iter_points(self, batch_size: int = 256) -> Iterator[list[StoredPoint]]: ...
 
+    def existing_ids(self, ids: Sequence[str]) -> set[str]: ...
+
     def upsert_points(self, points: Sequence[StoredPoint]) -> None: ...
 
     def close(self) -> None: ...
@@ -204,8 +208,6 @@ def open_store(cfg: StoreConfig) -> VectorStore:
 
 def check_search(cfg: StoreConfig, dense: Any, text: str | None, mode: str) -> None:
     """The argument checks both backends apply before a query."""
-    from diffembed.config import ConfigError
-
     if mode not in ("dense", "sparse", "hybrid"):
         raise ValueError(f"unknown search mode {mode!r}; use dense, sparse or hybrid")
     if mode != "sparse" and dense is None:

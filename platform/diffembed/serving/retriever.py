@@ -91,7 +91,8 @@ def classify_store_error(
       (qdrant-client's request models, local mode's checks): the request was wrong -> BadSearchRequest;
     - a 404 response or gRPC NOT_FOUND (local mode: a ValueError while `collection_exists()` is False):
       the collection is missing -> StoreUnavailable(`missing`);
-    - connection errors, timeouts, 401/403/408/429/5xx and anything else -> StoreUnavailable.
+    - the embedded (Edge) store missing, busy in another process or damaged (`StoreError`), connection errors,
+      timeouts, 401/403/408/429/5xx and anything else -> StoreUnavailable.
 
     `caller_input=False` says the call carried nothing from the caller that the store could reject (no
     filter): a rejected request is then the deployment's problem (e.g. a collection of another dimension),
@@ -99,9 +100,13 @@ def classify_store_error(
     """
     from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+    from diffembed.index.store import StoreError
+
     exc = unwrap(exc)
     if isinstance(exc, (BadSearchRequest, StoreUnavailable)):
         return exc
+    if isinstance(exc, StoreError):  # the embedded store is missing, busy (another process) or damaged
+        return StoreUnavailable(message_of(exc))
 
     def rejected(detail: str) -> BadSearchRequest | StoreUnavailable:
         if caller_input:
