@@ -200,6 +200,9 @@ def measure(backend: str, folder: str, n_points: int, dim: int, n_queries: int) 
 
 
 def child(backend: str, folder: str, n_points: int, dim: int, n_queries: int, conn) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Local mode is not recommended")  # we know: it is the baseline
     try:
         conn.send(("ok", measure(backend, folder, n_points, dim, n_queries)))
     except BaseException:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,19 +64,22 @@ def batch_records(batch: int, size: int = BATCH, dim: int = DIM) -> list[ChunkRe
 WRITER = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_edge_store import BATCH, DIM, batch_records
+from {module} import BATCH, DIM, batch_records
 from diffembed.index.config import StoreConfig
 from diffembed.index.edge import EdgeStore
 
 path, collection, batches = sys.argv[1], sys.argv[2], int(sys.argv[3])
-with EdgeStore(StoreConfig(path=path, collection=collection, sparse=True)) as store:
+# 100 points per Edge update: a kill inside upsert() can leave part of its batch written.
+with EdgeStore(StoreConfig(path=path, collection=collection, sparse=True, upsert_batch_size=100)) as store:
     store.ensure_collection(DIM)
     with store.bulk_load():
+        records = batch_records(0)
         for b in range(batches):
-            store.upsert(batch_records(b))
+            store.upsert(records)
+            records = batch_records(b + 1)  # made before the ack, so the kill lands inside the next upsert()
             print(f"acked {{(b + 1) * BATCH}}", flush=True)
 print("done", flush=True)
-""".format(tests=str(TESTS))
+""".format(tests=str(TESTS), module=Path(__file__).stem)
 
 # argv: store path, collection. Opens the shard, prints `ready <count>`, holds it until stdin closes.
 HOLDER = """
@@ -223,7 +228,10 @@ def test_acknowledged_points_survive_sigkill_and_the_rerun_completes(tmp_path):
             if line.startswith("acked "):
                 acked = int(line.split()[1])
                 if acked >= KILL_AFTER * BATCH:
-                    os.kill(writer.pid, signal.SIGKILL)  # mid-stream: later batches are being written
+                    # Mid-stream, somewhere inside the next upsert(): about one batch's time of jitter, so runs
+                    # also kill it inside Edge's own update (the assertions hold wherever it lands).
+                    time.sleep(random.uniform(0, 0.08))
+                    os.kill(writer.pid, signal.SIGKILL)
                     break
         for line in writer.stdout.read().splitlines():  # acknowledgements already in the pipe when it died
             if line.startswith("acked "):

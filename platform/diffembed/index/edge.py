@@ -210,7 +210,12 @@ class EdgeStore:
 
     def _shard_handle_check_free(self) -> None:
         if (self.shard_dir / "edge_config.json").is_file():
-            self._load().close()  # StoreBusy when another process holds it: never delete under a reader
+            try:
+                self._load().close()  # StoreBusy when another process holds it: never delete under a reader
+            except StoreBusy:
+                raise
+            except StoreError:
+                pass  # a damaged shard: dropping it is what recreate=true is for
 
     # -- writes -------------------------------------------------------------------------------------------
 
