@@ -7,32 +7,23 @@ Resumable: a rerun skips the points the target already holds. Prints the JSON su
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import warnings
 
-from diffembed.config import ConfigError
+from diffembed.cli import job_main
+
+
+def run(config: str, overrides: list[str]) -> dict:
+    from diffembed.index.copy import CopyConfig, copy_collection
+
+    return copy_collection(CopyConfig.from_yaml(config, overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Copy a Qdrant Edge collection to a Qdrant server (resumable).")
-    parser.add_argument("--config", required=True, help="YAML file with a CopyConfig")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for nested fields")
-    args = parser.parse_args(argv)
     # qdrant-client's background version check warns (several lines) when the server is unreachable; the
     # copy reports that itself, in one line
     warnings.filterwarnings("ignore", message="Failed to obtain server version")
-    try:
-        from diffembed.index.copy import CopyConfig, copy_collection
-
-        cfg = CopyConfig.from_yaml(args.config, args.overrides)
-        summary = copy_collection(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return job_main("Copy a Qdrant Edge collection to a Qdrant server (resumable).", "CopyConfig", run, argv)
 
 
 if __name__ == "__main__":

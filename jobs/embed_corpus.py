@@ -6,29 +6,20 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from diffembed.config import ConfigError
+from diffembed.cli import job_main
+
+
+def run(config: str, overrides: list[str]) -> dict:
+    from diffembed.batch.config import EmbedCorpusConfig
+    from diffembed.batch.pipeline import embed_corpus
+
+    return embed_corpus(EmbedCorpusConfig.from_yaml(config, overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Embed a corpus into a Qdrant collection (idempotent, resumable).")
-    parser.add_argument("--config", required=True, help="YAML file with an EmbedCorpusConfig")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for nested fields")
-    args = parser.parse_args(argv)
-    try:
-        from diffembed.batch.config import EmbedCorpusConfig
-        from diffembed.batch.pipeline import embed_corpus
-
-        cfg = EmbedCorpusConfig.from_yaml(args.config, args.overrides)
-        summary = embed_corpus(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return job_main("Embed a corpus into a Qdrant collection (idempotent, resumable).", "EmbedCorpusConfig", run, argv)
 
 
 if __name__ == "__main__":
