@@ -191,10 +191,12 @@ def measure(backend: str, folder: str, n_points: int, dim: int, n_queries: int) 
             out[f"{mode}_cpu_p50"], out[f"{mode}_cpu_p99"] = percentiles(cpu)
             out[f"{mode}_hits"] = hits / len(qs)
         out["queries"] = len(qs)
-        if backend == "server":
-            store.drop()
     finally:
-        store.close()
+        try:
+            if backend == "server":
+                store.drop()  # the collection this run created (a unique name), even after a failure
+        finally:
+            store.close()
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return out
 

@@ -17,6 +17,10 @@ class InputConfig(ConfigModel):
     text_column: str = "text"
     title_column: str | None = None
     metadata_columns: list[str] = Field(default_factory=list)
+    block_bytes: int = Field(
+        8 << 20, ge=1024, description="JSONL files are read as byte ranges of this size (bounded blocks whatever "
+        "the file size; the first points are written while the rest is still read).",
+    )
 
 
 class EncodeConfig(ConfigModel):
@@ -58,4 +62,5 @@ class EmbedCorpusConfig(ConfigModel):
         False, description="Delete the collection first and embed everything again (e.g. after changing the model "
         "or the document policy; without it such a change is an error naming what differs).",
     )
+    progress_every_s: float = Field(5.0, ge=0, description="Seconds between progress lines (0: after every batch).")
     summary_path: str | None = Field(None, description="Where the JSON summary goes (default: printed only).")

@@ -1,10 +1,15 @@
-"""Corpus -> Qdrant: read (Ray Data) -> skip what is already indexed -> encode on an actor pool -> upsert.
+"""Corpus -> Qdrant: read (Ray Data, bounded blocks) -> resume check -> encode (actor pool) -> write (actors).
 
 Idempotent and resumable: point ids are uuid5(collection, doc_id, chunk), a document counts as present only
 when all its chunks are, and documents that are partly present (a crash mid-document) are deleted and
-rewritten. Writes go through the driver, the one process holding the embedded (Edge) store open; against a
-Qdrant server the same code runs unchanged. The collection carries the embedding fingerprint: a rerun with
-another embedding function stops before writing (or, with `recreate`, starts the collection over).
+rewritten. The check runs per batch against the store, so no set of finished documents is ever built.
+
+Nothing heavy passes through the driver: the encoder actors produce the vectors, the writer stage builds the
+points (payloads, BM25 vectors) and upserts them, and only a small summary row per batch reaches the driver,
+which orchestrates and reports progress. With the embedded Edge store (one process per path) one `StoreOwner`
+actor holds the store and serves the resume check and the writes; with a Qdrant server every writer actor
+talks to the server itself (`store.writers` of them). The collection carries the embedding fingerprint: a
+rerun with another embedding function stops before writing (or, with `recreate`, starts the collection over).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,20 +27,106 @@ import numpy as np
 
 from diffembed.batch.config import EmbedCorpusConfig
 from diffembed.config import EmbedderConfig
+from diffembed.index.config import StoreConfig
 
 log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ the store's side
+
+
+class StoreOwner:
+    """The one process that holds an embedded (Edge) store during a run: resume checks and writes go here."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        from diffembed.index.store import open_store
+
+        self.store = open_store(StoreConfig.model_validate(cfg))
+        self._load = self.store.bulk_load()
+        self._load.__enter__()
+
+    def complete_and_clear(self, doc_ids: list[str]) -> list[str]:
+        return sorted(resume_check(self.store, doc_ids))
+
+    def upsert(self, records: list) -> int:
+        self.store.upsert(records)
+        return len(records)
+
+    def finish(self) -> int:
+        """End the bulk load (Edge: flush and build the index) and close the store; returns the point count."""
+        self._load.__exit__(None, None, None)
+        count = self.store.count()
+        self.store.close()
+        return count
+
+
+def resume_check(store, doc_ids: list[str]) -> set[str]:
+    """The documents among `doc_ids` that are complete; the partly written ones are deleted (to be rewritten)."""
+    complete = store.complete_docs(doc_ids)
+    store.delete_docs([d for d in doc_ids if d not in complete])
+    return complete
+
+
+class _StoreClient:
+    """A stage's way to the store: the owner actor (Edge) or its own connection (server)."""
+
+    def __init__(self, cfg: dict[str, Any], owner):
+        self.owner = owner
+        self.store = None
+        if owner is None:
+            from diffembed.index.store import open_store
+
+            self.store = open_store(StoreConfig.model_validate(cfg))
+
+    def complete_and_clear(self, doc_ids: list[str]) -> set[str]:
+        if self.owner is not None:
+            import ray
+
+            return set(ray.get(self.owner.complete_and_clear.remote(doc_ids)))
+        return resume_check(self.store, doc_ids)
+
+    def upsert(self, records: list) -> None:
+        if self.owner is not None:
+            import ray
+
+            ray.get(self.owner.upsert.remote(records))
+        else:
+            self.store.upsert(records)
+
+
+class ResumeFilter:
+    """Drops the documents the collection already holds completely (per batch, against the store)."""
+
+    def __init__(self, store: dict[str, Any], owner=None):
+        self.client = _StoreClient(store, owner)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = [str(d) for d, s in zip(batch["doc_id"], batch["skip"]) if not s]
+        complete = self.client.complete_and_clear(ids) if ids else set()
+        keep = np.array([bool(s) or str(d) not in complete for d, s in zip(batch["doc_id"], batch["skip"])],
+                        dtype=bool)
+        out = {k: v[keep] for k, v in batch.items()}
+        out["already"] = np.full(len(out["doc_id"]), 0, dtype=np.int64)
+        if len(out["doc_id"]):
+            out["already"][0] = int((~keep).sum())  # counted once per batch, carried to the driver's summary
+        elif (~keep).any():  # every row was complete: keep one marker row so the count still reaches the driver
+            out = {k: v[:1] for k, v in batch.items()}
+            out["skip"] = np.array(["__already__"], dtype=object)
+            out["already"] = np.array([int((~keep).sum())], dtype=np.int64)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ encode and write
 
 
 class EncodeActor:
     """A Ray Data actor: loads the Embedder once, turns a batch of documents into one row per stored point
     (per document, or per window under the `best` document policy).
 
-    Rows that cannot be embedded come out as one marker row (`chunk_index` -1, `skip` set) so the driver
-    counts them; documents in the `done` set (already fully indexed) are dropped.
+    Rows that cannot be embedded come out as one marker row (`chunk_index` -1, `skip` set) so they are counted.
     """
 
-    def __init__(self, embedder: dict[str, Any], threads: int, done=None):
-        import ray
+    def __init__(self, embedder: dict[str, Any], threads: int):
         import torch
 
         from diffembed.models.embedder import Embedder
@@ -43,30 +135,33 @@ class EncodeActor:
         # rest of the pipeline (reading, writing) needs next to none. Give torch the cores we were told to.
         torch.set_num_threads(threads)
         self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
-        self.done: set[str] = ray.get(done) if done is not None else set()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         skip = np.array([bool(s) for s in batch["skip"]], dtype=bool)
-        todo = np.array([not s and str(d) not in self.done for d, s in zip(batch["doc_id"], batch["skip"])],
-                        dtype=bool)
+        todo = ~skip
         texts = [str(t) for t in batch["text"][todo]]
         titles = [t if isinstance(t, str) else None for t in batch["title"][todo]]
         chunks = self.embedder.encode_document_windows(texts, titles)  # the document policy decides the points
-        rows = np.flatnonzero(todo)[chunks.text_index]  # (M,) batch row of each chunk
+        rows = np.flatnonzero(todo)[chunks.text_index]  # (M,) batch row of each point
         marks = np.flatnonzero(skip)  # (K,) batch rows reported as skipped
         n_chunks = np.bincount(chunks.text_index, minlength=len(texts))[chunks.text_index]  # (M,)
         k, dim = len(marks), self.embedder.dimension
         take = np.concatenate([rows, marks]).astype(np.int64)  # (M + K,)
+        already = batch["already"] if "already" in batch else np.zeros(len(batch["doc_id"]), dtype=np.int64)
 
         def ints(values: np.ndarray) -> np.ndarray:
             return np.concatenate([values.astype(np.int64), np.full(k, -1, dtype=np.int64)])
 
+        carried = np.zeros(len(take), dtype=np.int64)
+        if len(take):
+            carried[0] = int(already.sum())
         return {
             "doc_id": batch["doc_id"][take],
             "title": batch["title"][take],
             "meta": batch["meta"][take],
             "skip": batch["skip"][take],
             "where": batch["where"][take],
+            "already": carried,
             "chunk_index": ints(chunks.chunk_index),
             "n_chunks": ints(n_chunks),
             "token_start": ints(chunks.token_spans[:, 0]),
@@ -79,6 +174,52 @@ class EncodeActor:
         }
 
 
+class WriteActor:
+    """Builds the points of a batch and upserts them; returns one summary row (what the driver sees)."""
+
+    def __init__(self, store: dict[str, Any], owner=None):
+        self.client = _StoreClient(store, owner)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from diffembed.index.store import ChunkRecord
+
+        records, skipped, examples, tokens, docs = [], Counter(), [], 0, 0
+        for i in range(len(batch["doc_id"])):
+            if batch["chunk_index"][i] < 0:
+                reason = str(batch["skip"][i])
+                if reason != "__already__":
+                    skipped[reason] += 1
+                    examples.append(f"{batch['where'][i]}\t{reason}")
+                continue
+            doc_id = str(batch["doc_id"][i])
+            records.append(ChunkRecord(
+                doc_id=doc_id,
+                chunk_index=int(batch["chunk_index"][i]),
+                n_chunks=int(batch["n_chunks"][i]),
+                vector=np.asarray(batch["vector"][i], dtype=np.float32),
+                token_span=(int(batch["token_start"][i]), int(batch["token_end"][i])),
+                char_span=(int(batch["char_start"][i]), int(batch["char_end"][i])),
+                text=str(batch["text"][i]),
+                title=batch["title"][i] if isinstance(batch["title"][i], str) else None,
+                metadata=json.loads(batch["meta"][i]),
+            ))
+            docs += int(batch["chunk_index"][i] == 0)  # a document's points may span batches: count it once
+            tokens += int(batch["token_end"][i] - batch["token_start"][i])
+        if records:
+            self.client.upsert(records)
+        return {
+            "documents": np.array([docs], dtype=np.int64),
+            "chunks": np.array([len(records)], dtype=np.int64),
+            "tokens": np.array([tokens], dtype=np.int64),
+            "already": np.array([int(batch["already"].sum()) if "already" in batch else 0], dtype=np.int64),
+            "skipped": np.array([json.dumps(dict(skipped))], dtype=object),
+            "examples": np.array([json.dumps(examples[:10])], dtype=object),
+        }
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
 def model_dimension(cfg: EmbedderConfig) -> int:
     """The output size, read from config.json so the driver never loads the (possibly 7B) model."""
     from diffembed.models.loading import read_json, resolve_model_path
@@ -88,99 +229,116 @@ def model_dimension(cfg: EmbedderConfig) -> int:
     return int(cfg.dimensions or width)
 
 
+class Progress:
+    """One line per corpus every few seconds: documents, points, tokens/s, elapsed."""
+
+    def __init__(self, enabled: bool, every_s: float = 5.0):
+        self.enabled, self.every_s = enabled, every_s
+        self.started = self.last = time.perf_counter()
+        self.shown = False
+
+    def update(self, docs: int, chunks: int, tokens: int, already: int, force: bool = False) -> None:
+        """Printed at the first written points, then every `every_s` seconds, and at the end (`force`)."""
+        now = time.perf_counter()
+        if not self.enabled or (not force and self.shown and now - self.last < self.every_s):
+            return
+        self.shown = True
+        self.last = now
+        wall = max(now - self.started, 1e-9)
+        print(f"progress: {docs} documents embedded ({chunks} points), {already} already present, "
+              f"{tokens / wall:.0f} tokens/s, {wall:.0f} s", flush=True)
+
+
 def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any]:
     """Run the job on the current Ray cluster; returns (and optionally writes) the summary."""
     import ray
     import ray.data
 
-    from diffembed.batch.reading import read_corpus
+    from diffembed.batch.reading import read_corpus, where_to_line
     from diffembed.index.fingerprint import embedding_fingerprint
-    from diffembed.index.store import ChunkRecord, open_store
+    from diffembed.index.store import open_store
 
     started = time.perf_counter()
     dim = model_dimension(cfg.embedder)
     ds = read_corpus(cfg.input)  # validates inputs and columns before anything is written
     fingerprint = embedding_fingerprint(cfg.embedder, dim, cfg.store.distance, cfg.store.sparse)
-    store = open_store(cfg.store)
-    try:
+    with open_store(cfg.store) as store:  # checked (and created) here, then released for the actors
         if cfg.recreate:
             store.drop()  # an explicit re-embed: the old vectors came from another embedding function
         # a size, distance or embedding-function mismatch fails here, before any write
         store.ensure_collection(dim, fingerprint)
-        if not ray.is_initialized():
-            ray.init()
+        empty = store.count() == 0
+    if not ray.is_initialized():
+        ray.init()
 
-        # Pass 1, only when the collection already has points (a rerun): which documents are complete.
-        # Partly written ones (a crash mid-document) are deleted here and embedded again.
-        done: set[str] = set()
-        if cfg.skip_existing and store.count():
-            for batch in ds.select_columns(["doc_id", "skip"]).iter_batches(batch_size=1024):
-                ids = [str(d) for d, skip in zip(batch["doc_id"], batch["skip"]) if not skip]
-                complete = store.complete_docs(ids)
-                done |= complete
-                store.delete_docs([i for i in ids if i not in complete])
-
-        # Pass 2: encode on the actor pool, write through this process.
+    store_args = cfg.store.model_dump(mode="json")
+    owner = None
+    if not cfg.store.url:  # Edge: one process holds the store for the whole run
+        owner = ray.remote(num_cpus=0, max_restarts=0)(StoreOwner).remote(store_args)
+    writers = 1 if owner is not None else cfg.store.writers
+    server = open_store(cfg.store) if cfg.store.url else None
+    bulk = server.bulk_load() if server is not None else None  # server: indexing paused by the driver
+    try:
+        if bulk is not None:
+            bulk.__enter__()
+        if cfg.skip_existing and not empty:  # a rerun: per batch, drop what is complete, clear what is partial
+            ds = ds.map_batches(ResumeFilter, fn_constructor_kwargs={"store": store_args, "owner": owner},
+                                compute=ray.data.ActorPoolStrategy(size=writers), batch_size=1024,
+                                batch_format="numpy", num_cpus=0)
         encoded = ds.map_batches(
             EncodeActor,
             fn_constructor_kwargs={
                 "embedder": cfg.embedder.model_dump(mode="json"),
                 "threads": cfg.encode.torch_threads or max(1, (os.cpu_count() or 1) // cfg.encode.actors),
-                "done": ray.put(done) if done else None,
             },
             compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors),
             batch_size=cfg.encode.batch_size,
             **cfg.encode.ray_remote_args(),  # num_cpus, num_gpus, custom resources
             batch_format="numpy",
         )
-        docs, chunks, tokens = set(), 0, 0
+        written = encoded.map_batches(
+            WriteActor, fn_constructor_kwargs={"store": store_args, "owner": owner},
+            compute=ray.data.ActorPoolStrategy(size=writers), batch_size=cfg.store.upsert_batch_size,
+            batch_format="numpy", num_cpus=0,  # light: never take a CPU the readers and encoders need
+        )
+        docs = chunks = tokens = already = 0
         skipped: Counter[str] = Counter()
-        skip_examples: list[str] = []
-        with store.bulk_load():
-            for batch in encoded.iter_batches(batch_size=cfg.store.upsert_batch_size, batch_format="numpy"):
-                records = []
-                for i in range(len(batch["doc_id"])):
-                    if batch["chunk_index"][i] < 0:
-                        skipped[str(batch["skip"][i])] += 1
-                        if len(skip_examples) < 10:
-                            skip_examples.append(f"{batch['where'][i]}: {batch['skip'][i]}")
-                        continue
-                    records.append(ChunkRecord(
-                        doc_id=str(batch["doc_id"][i]),
-                        chunk_index=int(batch["chunk_index"][i]),
-                        n_chunks=int(batch["n_chunks"][i]),
-                        vector=np.asarray(batch["vector"][i], dtype=np.float32),
-                        token_span=(int(batch["token_start"][i]), int(batch["token_end"][i])),
-                        char_span=(int(batch["char_start"][i]), int(batch["char_end"][i])),
-                        text=str(batch["text"][i]),
-                        title=batch["title"][i] if isinstance(batch["title"][i], str) else None,
-                        metadata=json.loads(batch["meta"][i]),
-                    ))
-                    tokens += int(batch["token_end"][i] - batch["token_start"][i])
-                if records:
-                    store.upsert(records)
-                    docs.update(r.doc_id for r in records)
-                    chunks += len(records)
-                    if progress:
-                        print(f"progress: {chunks} chunks of {len(docs)} documents written", flush=True)
-        already = len(done)
-        wall = time.perf_counter() - started
-        summary = {
-            "collection": cfg.store.collection,
-            "documents_embedded": len(docs),
-            "documents_already_present": already,
-            "chunks_written": chunks,
-            "tokens": tokens,
-            "skipped_rows": sum(skipped.values()),
-            "skipped_by_reason": dict(skipped),
-            "skipped_examples": skip_examples,
-            "points_in_collection": store.count(),
-            "wall_s": round(wall, 2),
-            "docs_per_s": round(len(docs) / wall, 2) if wall else 0.0,
-            "tokens_per_s": round(tokens / wall, 1) if wall else 0.0,
-        }
+        examples: list[str] = []
+        meter = Progress(progress, cfg.progress_every_s)
+        for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
+            docs += int(batch["documents"].sum())
+            chunks += int(batch["chunks"].sum())
+            tokens += int(batch["tokens"].sum())
+            already += int(batch["already"].sum())
+            for counts, found in zip(batch["skipped"], batch["examples"]):
+                skipped.update(json.loads(counts))
+                examples.extend(json.loads(found)[: 10 - len(examples)])
+            if chunks:
+                meter.update(docs, chunks, tokens, already)
+        meter.update(docs, chunks, tokens, already, force=True)
     finally:
-        store.close()
+        if bulk is not None:
+            bulk.__exit__(*sys.exc_info())
+            server.close()
+        points = ray.get(owner.finish.remote()) if owner is not None else None
+    if points is None:
+        with open_store(cfg.store) as store:
+            points = store.count()
+    wall = time.perf_counter() - started
+    summary = {
+        "collection": cfg.store.collection,
+        "documents_embedded": docs,
+        "documents_already_present": already,
+        "chunks_written": chunks,
+        "tokens": tokens,
+        "skipped_rows": sum(skipped.values()),
+        "skipped_by_reason": dict(skipped),
+        "skipped_examples": [f"{where_to_line(w)}: {r}" for w, _, r in (e.partition("\t") for e in examples)],
+        "points_in_collection": points,
+        "wall_s": round(wall, 2),
+        "docs_per_s": round(docs / wall, 2) if wall else 0.0,
+        "tokens_per_s": round(tokens / wall, 1) if wall else 0.0,
+    }
     if cfg.summary_path:
         Path(cfg.summary_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.summary_path).expanduser().write_text(json.dumps(summary, indent=2))

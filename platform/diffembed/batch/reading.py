@@ -1,8 +1,10 @@
-"""Corpus reading with Ray Data: files or globs or a folder -> rows {doc_id, text, title, meta, skip}.
+"""Corpus reading with Ray Data: files or globs or a folder -> rows {doc_id, text, title, meta, skip, where}.
 
-JSONL is parsed here (not by pyarrow's reader) so a malformed line is reported as `file:line`. Rows that
-cannot be embedded (empty or non-text) are kept with a `skip` reason, so the job counts and reports them
-instead of dropping them silently.
+JSONL is parsed here (not by pyarrow's reader) so a malformed line is reported as `file:line`. A JSONL file is
+read as byte ranges of `input.block_bytes` (each range owns the lines that start in it), so a single 50 GB
+file streams through the pipeline in bounded blocks and the first points are written while the rest is still
+being read. Rows that cannot be embedded (empty or non-text) are kept with a `skip` reason, so the job counts
+and reports them instead of dropping them silently.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from diffembed.batch.config import InputConfig
 from diffembed.config import ConfigError
-from diffembed.files import decode_lines, expand_files, json_lines
+from diffembed.files import expand_files, json_lines
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -126,11 +128,112 @@ def read_corpus(cfg: InputConfig):
     if fmt == "parquet":
         ds = ray.data.read_parquet(files, include_paths=True)
         return ds.map(lambda row: normalize(row, cfg, row.get("path", "")))
-    raw = ray.data.read_binary_files(files, include_paths=True)
     if fmt == "text":
+        raw = ray.data.read_binary_files(files, include_paths=True)
         root = os.path.dirname(os.path.commonpath(files)) if len(files) == 1 else os.path.commonpath(files)
         return raw.map(lambda row: _text_row(row, cfg, root))
-    return raw.flat_map(lambda row: _jsonl_rows(row, cfg))
+    ranges = plan_ranges(files, cfg.block_bytes)
+    return ray.data.from_items(ranges, override_num_blocks=len(ranges)).flat_map(lambda item: _range_rows(item, cfg))
+
+
+def _size(path: str) -> int:
+    if "://" in path:
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        return fs.get_file_info(p).size
+    return os.path.getsize(path)
+
+
+def plan_ranges(files: list[str], block_bytes: int) -> list[dict[str, Any]]:
+    """Byte ranges of at most `block_bytes` over every file, in file order (an empty file: no range)."""
+    ranges = []
+    for path in files:
+        size = _size(path)
+        for start in range(0, size, block_bytes):
+            ranges.append({"path": path, "start": start, "end": min(start + block_bytes, size)})
+    return ranges
+
+
+def _open_binary(path: str):
+    if "://" in path:
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        return fs.open_input_file(p)
+    return open(path, "rb")
+
+
+def line_number(path: str, offset: int) -> int:
+    """The 1-based number of the line starting at byte `offset` (counted only when a report needs it)."""
+    count, done = 1, 0
+    with _open_binary(path) as f:
+        while done < offset:
+            chunk = f.read(min(1 << 20, offset - done))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            done += len(chunk)
+    return count
+
+
+def iter_range_lines(path: str, start: int, end: int):
+    """(byte offset, line bytes) of the lines that start in [start, end)."""
+    with _open_binary(path) as f:
+        pos = start
+        if start > 0:  # the line running into this range belongs to the previous one
+            f.seek(start - 1)
+            pos = start - 1 + len(_readline(f))
+        else:
+            f.seek(0)
+        while pos < end:
+            line = _readline(f)
+            if not line:
+                return
+            yield pos, line
+            pos += len(line)
+
+
+def _readline(f) -> bytes:
+    if hasattr(f, "readline"):
+        return f.readline()
+    out = bytearray()  # pyarrow files have no readline: read through the newline in small steps
+    while True:
+        chunk = f.read(1)
+        if not chunk:
+            break
+        out += chunk
+        if chunk == b"\n":
+            break
+    return bytes(out)
+
+
+def _range_rows(item: dict[str, Any], cfg: InputConfig) -> list[dict[str, Any]]:
+    path = item["path"]
+    out = []
+    for offset, raw in iter_range_lines(path, item["start"], item["end"]):
+        text = raw.decode("utf-8", errors="replace")
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{path}:{line_number(path, offset)}: malformed JSON line ({exc.msg})") from None
+        if not isinstance(record, dict):
+            record = {}
+        out.append(normalize(record, cfg, f"{path}@{offset}"))
+    return out
+
+
+def where_to_line(where: str) -> str:
+    """`file@byte` (as rows carry it) -> `file:line` for a report; other forms are returned as they are."""
+    path, sep, offset = where.rpartition("@")
+    if not sep or not offset.isdigit():
+        return where
+    try:
+        return f"{path}:{line_number(path, int(offset))}"
+    except OSError:
+        return where
 
 
 def _text_row(row: dict[str, Any], cfg: InputConfig, root: str) -> dict[str, Any]:
@@ -142,15 +245,3 @@ def _text_row(row: dict[str, Any], cfg: InputConfig, root: str) -> dict[str, Any
         text = None
     doc = {"id": os.path.relpath(path, root) if root else path, "text": text}
     return normalize(doc, cfg.model_copy(update={"id_column": "id", "text_column": "text"}), path)
-
-
-def _jsonl_rows(row: dict[str, Any], cfg: InputConfig) -> list[dict[str, Any]]:
-    path = row["path"]
-    out = []
-    for number, record in json_lines(decode_lines(row["bytes"])):
-        if isinstance(record, ValueError):
-            raise CorpusError(f"{path}:{number}: {record}")
-        if not isinstance(record, dict):
-            record = {}
-        out.append(normalize(record, cfg, f"{path}:{number}"))
-    return out

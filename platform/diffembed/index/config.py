@@ -25,6 +25,10 @@ class StoreConfig(ConfigModel):
     path: str = Field(
         "qdrant_data", description="Edge: the folder holding one sub-folder per collection (one process at a time)."
     )
+    lock_wait_s: float = Field(
+        5.0, ge=0, description="Edge: how long to wait for another process (e.g. a killed job's store actor being "
+        "cleaned up) to release the store before the one-line 'open in another process' error.",
+    )
     prefer_grpc: bool = Field(False, description="Server: talk gRPC (port 6334) instead of REST, faster for bulk writes.")
     collection: str = "diffembed"
     vector_name: str = Field("dense", description="Name of the dense vector in each point.")
@@ -45,6 +49,9 @@ class StoreConfig(ConfigModel):
     sparse: bool = Field(False, description="Also store a BM25 sparse vector named 'bm25' (sparse/hybrid search).")
     store_text: bool = Field(True, description="Keep each chunk's text in its payload.")
     upsert_batch_size: int = Field(256, ge=1, description="Points per upsert request.")
+    writers: int = Field(
+        2, ge=1, description="Server: writer actors upserting in parallel (the embedded Edge store has one owner)."
+    )
     max_retries: int = Field(5, ge=1, description="Attempts per request on connection errors, timeouts and 5xx.")
     pause_indexing_during_load: bool = Field(
         True, description="Server only: no HNSW indexing while the job writes; the index is built once at the end."

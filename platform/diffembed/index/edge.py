@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -122,10 +123,17 @@ class EdgeStore:
     def _load(self):
         import qdrant_edge as e
 
-        try:
-            return e.EdgeShard.load(str(self.shard_dir))
-        except Exception as exc:
-            raise self._open_error(exc) from None
+        deadline = time.monotonic() + self.cfg.lock_wait_s
+        delay = 0.1
+        while True:
+            try:
+                return e.EdgeShard.load(str(self.shard_dir))
+            except Exception as exc:
+                error = self._open_error(exc)
+            if not isinstance(error, StoreBusy) or time.monotonic() + delay > deadline:
+                raise error
+            time.sleep(delay)  # the holder may be going away (a killed job's store actor): wait a little
+            delay = min(delay * 2, 1.0)
 
     def _open_error(self, exc: Exception) -> StoreError:
         text = " ".join(str(exc).split())
@@ -230,8 +238,8 @@ class EdgeStore:
                 edge_vectors[name] = value
         return e.Point(id=pid, vector=edge_vectors, payload=payload)
 
-    def _record_vectors(self, record: ChunkRecord) -> dict[str, Any]:
-        vectors: dict[str, Any] = {self.cfg.vector_name: dense_list(record)}
+    def _record_vectors(self, record: ChunkRecord, dense: Any = None) -> dict[str, Any]:
+        vectors: dict[str, Any] = {self.cfg.vector_name: dense if dense is not None else dense_list(record)}
         if self.cfg.sparse:
             bm25 = document_vector(record.text or "")
             if bm25.indices:  # a text without terms has no sparse vector at all rather than an empty one
@@ -250,10 +258,14 @@ class EdgeStore:
                 raise ValueError(f"Qdrant Edge rejected the write: {' '.join(str(exc).split())[:300]}") from None
 
     def upsert(self, records: Sequence[ChunkRecord]) -> None:
+        if not records:
+            return
+        # (N, D); Edge converts numpy rows faster than Python lists
+        dense = np.stack([np.asarray(r.vector, dtype=np.float32).reshape(-1) for r in records])
         self._write([
-            self._edge_point(point_id(self.cfg.collection, r.doc_id, r.chunk_index), self._record_vectors(r),
+            self._edge_point(point_id(self.cfg.collection, r.doc_id, r.chunk_index), self._record_vectors(r, d),
                              point_payload(r, self.cfg.store_text))
-            for r in records
+            for r, d in zip(records, dense)
         ])
 
     def upsert_points(self, points: Sequence[StoredPoint]) -> None:

@@ -11,6 +11,7 @@ vocabulary to ship or keep in sync between the job and the service. Colliding te
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections import Counter
@@ -34,12 +35,17 @@ def _stemmer() -> Stemmer.Stemmer:
     return stemmer
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _stem(word: str) -> str:
+    return _stemmer().stemWord(word)
+
+
 def terms(text: str) -> list[str]:
     """Stemmed, stopword-free terms of `text`, in order (repeats kept)."""
-    words = [w for w in _SPLIT.findall(text.lower()) if w not in _STOPWORDS]
-    return _stemmer().stemWords(words) if words else []
+    return [_stem(w) for w in _SPLIT.findall(text.lower()) if w not in _STOPWORDS]
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def term_id(term: str) -> int:
     return mmh3.hash(term, signed=False)
 
