@@ -183,6 +183,9 @@ def test_batch_job_equals_evaluation_equals_served(windows, ray_cluster, tmp_pat
     if windows != "best":
         for doc, vector in zip(docs, served.vectors):
             np.testing.assert_allclose(vector, stored[doc["id"]][0], atol=1e-5)
+        default = encoder.embed_unbatched(joined, kind="document", truncate=True)  # the service's default
+        for doc, vector in zip(docs, default.vectors):
+            np.testing.assert_allclose(vector, stored[doc["id"]][0], atol=1e-5)
     else:  # one-window documents agree; a multi-window one has no single vector unless truncated to window 0
         np.testing.assert_allclose(served.vectors[0], stored["short"][0], atol=1e-5)
         np.testing.assert_allclose(served.vectors[1], stored["plain"][0], atol=1e-5)

@@ -114,15 +114,15 @@ class EncoderImpl:
         has no single vector; with `truncate` it gets its first window's, the index's point 0).
         """
         emb = self.embedder
+        policy = emb.config.documents.windows
         if kind == "query":
             segs = emb.query_segments(texts, instruction)
-        else:
-            segs = emb.document_segments(texts, windows="first" if truncate else None)
+        else:  # only `best` needs truncating to one window; `mean` averages them all, `first` cuts anyway
+            segs = emb.document_segments(texts, windows="first" if truncate and policy == "best" else None)
         per_text: list[list] = [[] for _ in texts]
         for seg in segs:
             per_text[seg.source].append(dataclasses.replace(seg, source=0))
         if not truncate:
-            policy = emb.config.documents.windows
             for i, segments in enumerate(per_text):
                 if kind == "document" and policy == "best" and len(segments) > 1:
                     raise InputTooLong(
