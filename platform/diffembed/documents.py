@@ -54,17 +54,19 @@ class DocumentPolicy(BaseModel):
         """Every document is one vector (first / mean); `best` stores one per window."""
         return self.windows != "best"
 
+    def _lead(self, title: str | None) -> str:
+        """What goes before the text: the stripped title and the separator, or nothing."""
+        if title and title.strip() and self.title == "prepend":
+            return title.strip() + self.title_separator
+        return ""
+
     def join(self, text: str, title: str | None = None) -> str:
         """The document text as embedded (title joined as configured)."""
-        if title and title.strip() and self.title == "prepend":
-            return f"{title.strip()}{self.title_separator}{text}"
-        return text
+        return self._lead(title) + text
 
     def title_offset(self, title: str | None) -> int:
         """Characters the joined title adds before the text (char spans are reported relative to the text)."""
-        if title and title.strip() and self.title == "prepend":
-            return len(title.strip()) + len(self.title_separator)
-        return 0
+        return len(self._lead(title))
 
 
 def best_window_scores(scores: np.ndarray, text_index: np.ndarray) -> np.ndarray:

@@ -94,8 +94,12 @@ class _StoreClient:
             self.store.upsert(records)
 
 
+ALREADY = "__already_present__"  # the skip reason of a document the collection holds completely
+
+
 class ResumeFilter:
-    """Drops the documents the collection already holds completely (per batch, against the store)."""
+    """Marks the documents the collection already holds completely (per batch, against the store) as skipped
+    with reason ALREADY, text dropped: they are not embedded, only counted, like any other skipped row."""
 
     def __init__(self, store: dict[str, Any], owner=None):
         self.client = _StoreClient(store, owner)
@@ -103,17 +107,10 @@ class ResumeFilter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(d) for d, s in zip(batch["doc_id"], batch["skip"]) if not s]
         complete = self.client.complete_and_clear(ids) if ids else set()
-        keep = np.array([bool(s) or str(d) not in complete for d, s in zip(batch["doc_id"], batch["skip"])],
-                        dtype=bool)
-        out = {k: v[keep] for k, v in batch.items()}
-        out["already"] = np.full(len(out["doc_id"]), 0, dtype=np.int64)
-        if len(out["doc_id"]):
-            out["already"][0] = int((~keep).sum())  # counted once per batch, carried to the driver's summary
-        elif (~keep).any():  # every row was complete: keep one marker row so the count still reaches the driver
-            out = {k: v[:1] for k, v in batch.items()}
-            out["skip"] = np.array(["__already__"], dtype=object)
-            out["already"] = np.array([int((~keep).sum())], dtype=np.int64)
-        return out
+        done = np.array([not s and str(d) in complete for d, s in zip(batch["doc_id"], batch["skip"])], dtype=bool)
+        batch["skip"] = np.where(done, ALREADY, batch["skip"]).astype(object)
+        batch["text"] = np.where(done, "", batch["text"]).astype(object)
+        return batch
 
 
 # ------------------------------------------------------------------------------------------ encode and write
@@ -147,21 +144,16 @@ class EncodeActor:
         n_chunks = np.bincount(chunks.text_index, minlength=len(texts))[chunks.text_index]  # (M,)
         k, dim = len(marks), self.embedder.dimension
         take = np.concatenate([rows, marks]).astype(np.int64)  # (M + K,)
-        already = batch["already"] if "already" in batch else np.zeros(len(batch["doc_id"]), dtype=np.int64)
 
         def ints(values: np.ndarray) -> np.ndarray:
             return np.concatenate([values.astype(np.int64), np.full(k, -1, dtype=np.int64)])
 
-        carried = np.zeros(len(take), dtype=np.int64)
-        if len(take):
-            carried[0] = int(already.sum())
         return {
             "doc_id": batch["doc_id"][take],
             "title": batch["title"][take],
             "meta": batch["meta"][take],
             "skip": batch["skip"][take],
             "where": batch["where"][take],
-            "already": carried,
             "chunk_index": ints(chunks.chunk_index),
             "n_chunks": ints(n_chunks),
             "token_start": ints(chunks.token_spans[:, 0]),
@@ -183,11 +175,13 @@ class WriteActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from diffembed.index.store import ChunkRecord
 
-        records, skipped, examples, tokens, docs = [], Counter(), [], 0, 0
+        records, skipped, examples, tokens, docs, already = [], Counter(), [], 0, 0, 0
         for i in range(len(batch["doc_id"])):
             if batch["chunk_index"][i] < 0:
                 reason = str(batch["skip"][i])
-                if reason != "__already__":
+                if reason == ALREADY:
+                    already += 1
+                else:
                     skipped[reason] += 1
                     examples.append(f"{batch['where'][i]}\t{reason}")
                 continue
@@ -211,7 +205,7 @@ class WriteActor:
             "documents": np.array([docs], dtype=np.int64),
             "chunks": np.array([len(records)], dtype=np.int64),
             "tokens": np.array([tokens], dtype=np.int64),
-            "already": np.array([int(batch["already"].sum()) if "already" in batch else 0], dtype=np.int64),
+            "already": np.array([already], dtype=np.int64),
             "skipped": np.array([json.dumps(dict(skipped))], dtype=object),
             "examples": np.array([json.dumps(examples[:10])], dtype=object),
         }
