@@ -224,3 +224,20 @@ def test_folder_of_text_files(ray_cluster, tmp_path):
     assert summary["documents_embedded"] == 2 and summary["skipped_rows"] == 1
     ids = {p["payload"]["doc_id"] for p in all_points(tmp_path / "q").values()}
     assert ids == {"a.md", "sub/b.txt"}
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_byte_ranges_own_every_line_once_local_and_file_uri(tmp_path, uri):
+    """Ranges of a few hundred bytes (lines straddle their ends) yield every line exactly once, in order, and a
+    byte offset resolves to its line number; the same through a pyarrow `file://` URI."""
+    from diffembed.batch.reading import iter_range_lines, line_number, plan_ranges
+
+    path = tmp_path / "c.jsonl"
+    lines = [json.dumps({"id": i, "text": "word " * (i % 13)}) + "\n" for i in range(120)]
+    path.write_text("".join(lines))
+    name = f"file://{path}" if uri else str(path)
+    ranges = plan_ranges([name], 200)
+    assert len(ranges) > 10
+    got = [(offset, raw) for r in ranges for offset, raw in iter_range_lines(name, r["start"], r["end"])]
+    assert [raw.decode() for _, raw in got] == lines
+    assert [line_number(name, offset) for offset, _ in got[::17]] == list(range(1, 121, 17))

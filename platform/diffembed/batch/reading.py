@@ -10,6 +10,7 @@ and reports them instead of dropping them silently.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -85,13 +86,7 @@ def check_columns(cfg: InputConfig, fmt: str, files: list[str]) -> None:
 
 
 def _open(path: str):
-    if "://" in path:
-        import pyarrow.fs as pafs
-        import io
-
-        fs, p = pafs.FileSystem.from_uri(path)
-        return io.TextIOWrapper(fs.open_input_stream(p), encoding="utf-8")
-    return open(path, encoding="utf-8")
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8")
 
 
 def content_id(text: str) -> str:
@@ -156,11 +151,12 @@ def plan_ranges(files: list[str], block_bytes: int) -> list[dict[str, Any]]:
 
 
 def _open_binary(path: str):
+    """A seekable binary file with `readline`, local or any pyarrow URI (s3://, gs://, file://)."""
     if "://" in path:
         import pyarrow.fs as pafs
 
         fs, p = pafs.FileSystem.from_uri(path)
-        return fs.open_input_file(p)
+        return io.BufferedReader(fs.open_input_file(p))  # pyarrow's own readline is not implemented
     return open(path, "rb")
 
 
@@ -183,29 +179,15 @@ def iter_range_lines(path: str, start: int, end: int):
         pos = start
         if start > 0:  # the line running into this range belongs to the previous one
             f.seek(start - 1)
-            pos = start - 1 + len(_readline(f))
+            pos = start - 1 + len(f.readline())
         else:
             f.seek(0)
         while pos < end:
-            line = _readline(f)
+            line = f.readline()
             if not line:
                 return
             yield pos, line
             pos += len(line)
-
-
-def _readline(f) -> bytes:
-    if hasattr(f, "readline"):
-        return f.readline()
-    out = bytearray()  # pyarrow files have no readline: read through the newline in small steps
-    while True:
-        chunk = f.read(1)
-        if not chunk:
-            break
-        out += chunk
-        if chunk == b"\n":
-            break
-    return bytes(out)
 
 
 def _range_rows(item: dict[str, Any], cfg: InputConfig) -> list[dict[str, Any]]:

@@ -27,7 +27,6 @@ import numpy as np
 
 from diffembed.config import ConfigError
 from diffembed.index.config import StoreConfig
-from diffembed.index.fingerprint import mismatch_message
 from diffembed.index.sparse import SPARSE_VECTOR_NAME, document_vector, query_vector
 from diffembed.index.store import (
     HYBRID_PREFETCH,
@@ -39,6 +38,7 @@ from diffembed.index.store import (
     StoredPoint,
     StoreBusy,
     StoreError,
+    check_collection,
     check_search,
     complete_from_payloads,
     dense_list,
@@ -190,22 +190,9 @@ class EdgeStore:
                              "writes; use another store.path (and re-embed), or keep it for qdrant-client")
 
     def _check_existing(self, dim: int, fingerprint: dict[str, Any] | None) -> None:
-        meta, name = self._meta(), self.cfg.collection
-        if meta.get("vector_name") != self.cfg.vector_name:
-            raise ConfigError(f"collection {name!r} has no dense vector named {self.cfg.vector_name!r} (it has: "
-                              f"{meta.get('vector_name')!r}); set store.vector_name or store.collection")
-        if meta.get("size") != dim or meta.get("distance") != self.cfg.distance:
-            stored = f"{meta.get('size')}-dim {meta.get('distance')} vectors under {self.cfg.vector_name!r}"
-            wanted = f"this model gives {dim}" if meta.get("size") != dim else f"the config asks for {self.cfg.distance}"
-            raise ConfigError(f"collection {name!r} stores {stored}; {wanted}")
-        if self.cfg.sparse and not meta.get("sparse"):
-            raise ConfigError(f"collection {name!r} has no sparse vector {SPARSE_VECTOR_NAME!r}; store.sparse=true "
-                              "needs a collection created with it (use another store.collection)")
-        stored = meta.get("fingerprint")
-        if fingerprint is not None and stored is not None:
-            message = mismatch_message(name, stored, fingerprint)
-            if message:
-                raise ConfigError(message)
+        meta = self._meta()
+        check_collection(self.cfg, dim, {meta.get("vector_name"): (meta.get("size"), meta.get("distance"))},
+                         bool(meta.get("sparse")), meta.get("fingerprint"), fingerprint)
 
     def fingerprint(self) -> dict[str, Any] | None:
         return self._meta().get("fingerprint") if self.exists() else None

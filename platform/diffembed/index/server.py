@@ -25,7 +25,6 @@ from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_
 
 from diffembed.config import ConfigError
 from diffembed.index.config import StoreConfig
-from diffembed.index.fingerprint import mismatch_message
 from diffembed.index.sparse import SPARSE_VECTOR_NAME, document_vector, query_vector
 from diffembed.index.store import (
     HYBRID_PREFETCH,
@@ -34,6 +33,7 @@ from diffembed.index.store import (
     ChunkRecord,
     Hit,
     SearchMode,
+    check_collection,
     StoredPoint,
     check_search,
     complete_from_payloads,
@@ -189,34 +189,15 @@ class ServerStore:
                 f"collection {name!r} has no dense vector named {cfg.vector_name!r} (it has: {have}); "
                 f"set store.vector_name or store.collection"
             )
-        existing = vectors[cfg.vector_name]
-        distance = _DISTANCES[cfg.distance]
-        if existing.size != dim or existing.distance != distance:
-            stored = f"{existing.size}-dim {existing.distance.value.lower()} vectors under {cfg.vector_name!r}"
-            if existing.size != dim:
-                wanted = f"this model gives {dim}"
-                if existing.distance != distance:
-                    wanted += f" and the config asks for {cfg.distance}"
-            else:
-                wanted = f"the config asks for {cfg.distance}"
-            raise ConfigError(f"collection {name!r} stores {stored}; {wanted}")
-        if cfg.sparse:
-            sparse = (params.sparse_vectors or {}).get(SPARSE_VECTOR_NAME)
-            if sparse is None:
-                raise ConfigError(
-                    f"collection {name!r} has no sparse vector {SPARSE_VECTOR_NAME!r}; store.sparse=true needs a "
-                    f"collection created with it (use another store.collection)"
-                )
-            if sparse.modifier != models.Modifier.IDF:
-                raise ConfigError(
-                    f"collection {name!r} has sparse vector {SPARSE_VECTOR_NAME!r} without the IDF modifier; "
-                    f"its BM25 scores would be wrong (use another store.collection)"
-                )
-        stored = (getattr(info.config, "metadata", None) or {}).get(FINGERPRINT_KEY)
-        if fingerprint is not None and stored is not None:
-            message = mismatch_message(name, stored, fingerprint)
-            if message:
-                raise ConfigError(message)
+        sparse = (params.sparse_vectors or {}).get(SPARSE_VECTOR_NAME)
+        check_collection(cfg, dim, {n: (v.size, v.distance.value.lower()) for n, v in vectors.items()},
+                         sparse is not None, (getattr(info.config, "metadata", None) or {}).get(FINGERPRINT_KEY),
+                         fingerprint)
+        if cfg.sparse and sparse.modifier != models.Modifier.IDF:
+            raise ConfigError(
+                f"collection {name!r} has sparse vector {SPARSE_VECTOR_NAME!r} without the IDF modifier; "
+                f"its BM25 scores would be wrong (use another store.collection)"
+            )
         if not self.local and "doc_id" not in (info.payload_schema or {}):
             self._index_doc_id()
 

@@ -219,6 +219,32 @@ def check_search(cfg: StoreConfig, dense: Any, text: str | None, mode: str) -> N
             raise ValueError(f"{mode} search needs the query text")
 
 
+def check_collection(cfg: StoreConfig, dim: int, dense: dict[str, tuple[int, str]], has_sparse: bool,
+                     stored_fingerprint: dict[str, Any] | None, fingerprint: dict[str, Any] | None) -> None:
+    """Whether an existing collection fits this config and model (both backends): its dense vectors
+    (name -> (size, distance)), its BM25 vector, its embedding fingerprint. ConfigError naming what differs."""
+    from diffembed.index.fingerprint import mismatch_message
+    from diffembed.index.sparse import SPARSE_VECTOR_NAME
+
+    name = cfg.collection
+    if cfg.vector_name not in dense:
+        raise ConfigError(f"collection {name!r} has no dense vector named {cfg.vector_name!r} (it has: "
+                          f"{sorted(dense) or 'none'}); set store.vector_name or store.collection")
+    size, distance = dense[cfg.vector_name]
+    if size != dim or distance != cfg.distance:
+        stored = f"{size}-dim {distance} vectors under {cfg.vector_name!r}"
+        wanted = [f"this model gives {dim}"] if size != dim else []
+        wanted += [f"the config asks for {cfg.distance}"] if distance != cfg.distance else []
+        raise ConfigError(f"collection {name!r} stores {stored}; {' and '.join(wanted)}")
+    if cfg.sparse and not has_sparse:
+        raise ConfigError(f"collection {name!r} has no sparse vector {SPARSE_VECTOR_NAME!r}; store.sparse=true "
+                          "needs a collection created with it (use another store.collection)")
+    if fingerprint is not None and stored_fingerprint is not None:
+        message = mismatch_message(name, stored_fingerprint, fingerprint)
+        if message:
+            raise ConfigError(message)
+
+
 def complete_from_payloads(payloads: Iterator[dict]) -> set[str]:
     """Documents whose points are exactly chunks 0..n-1 of one chunking (a doc re-chunked differently, e.g. at
     another max_length, leaves stale points: incomplete, so the job rewrites it)."""
