@@ -22,7 +22,6 @@ name on the server (the job warns when the names differ).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -93,9 +92,8 @@ def _is_transport(exc: BaseException) -> bool:
         return False
 
 
-def _source_layout(source: Any) -> dict[str, Any]:
+def _source_layout(meta: dict[str, Any]) -> dict[str, Any]:
     """Vector name, size, distance and BM25 of an Edge collection, from its collection.json."""
-    meta = json.loads(source.meta_path.read_text())
     return {"vector_name": meta["vector_name"], "size": int(meta["size"]), "distance": meta["distance"],
             "sparse": bool(meta.get("sparse"))}
 
@@ -147,8 +145,8 @@ def copy_collection(cfg: CopyConfig, progress: bool = True, target_store: Any = 
     try:
         if not source.exists():
             raise StoreError(f"source collection {src_name!r} does not exist under {source.root}")
-        fingerprint = source.fingerprint()  # also checks collection.json is readable and not from a newer Edge
-        layout = _source_layout(source)
+        meta = source.meta()  # readable, and not written by a newer Edge
+        fingerprint, layout = meta.get("fingerprint"), _source_layout(meta)
         if injected:
             differ = [f"{n} {getattr(target.cfg, n)!r} (source: {layout[n]!r})"
                       for n in LAYOUT_FIELDS if getattr(target.cfg, n) != layout[n]]

@@ -95,7 +95,8 @@ class EdgeStore:
     def exists(self) -> bool:
         return self.meta_path.is_file()
 
-    def _meta(self) -> dict[str, Any]:
+    def meta(self) -> dict[str, Any]:
+        """collection.json: layout, fingerprint and the Edge version that wrote it (checked not to be newer)."""
         try:
             meta = json.loads(self.meta_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -116,7 +117,7 @@ class EdgeStore:
         if self._shard is None:
             if not self.exists():
                 raise self._missing()
-            self._meta()  # version check before Edge reads the files
+            self.meta()  # version check before Edge reads the files
             self._shard = self._load()
         return self._shard
 
@@ -190,12 +191,12 @@ class EdgeStore:
                              "writes; use another store.path (and re-embed), or keep it for qdrant-client")
 
     def _check_existing(self, dim: int, fingerprint: dict[str, Any] | None) -> None:
-        meta = self._meta()
+        meta = self.meta()
         check_collection(self.cfg, dim, {meta.get("vector_name"): (meta.get("size"), meta.get("distance"))},
                          bool(meta.get("sparse")), meta.get("fingerprint"), fingerprint)
 
     def fingerprint(self) -> dict[str, Any] | None:
-        return self._meta().get("fingerprint") if self.exists() else None
+        return self.meta().get("fingerprint") if self.exists() else None
 
     def drop(self) -> None:
         self.close()
