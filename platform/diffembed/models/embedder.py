@@ -3,12 +3,19 @@
 Texts become *segments*: token windows wrapped in the tokenizer's special tokens, each carrying a pooling
 mask (which tokens count in the mean) and its span in the source text. Segments are batched by a padded-token
 budget over length-sorted inputs, run through the backbone, pooled, and put back in input order.
+
+Encoding is a pipeline: a background thread tokenises the texts in growing slices, cuts windows, sorts and
+collates each slice's batches into (pinned) host tensors, while the device runs the batches already prepared;
+pooled vectors stay on the device until the call ends (no synchronisation per batch). The same code path runs
+on CPU and GPU.
 """
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Sequence
+from itertools import chain
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,11 +24,15 @@ from diffembed.config import ConfigError, EmbedderConfig
 from diffembed.documents import Windows, titles_or_none
 from diffembed.models.loading import Backbone, load_backbone, quiet_transformers, resolve_defaults, with_saved_config
 from diffembed.models.pooling import finish, pool
+from diffembed.models.prefetch import prefetch
 
 
 # Padded tokens per forward pass by device (cpu, cuda): on CPU small batches stay in cache and measured
 # fastest (bench/encode_throughput.py); a GPU wants large ones.
 DEFAULT_BATCH_TOKENS = {False: 1024, True: 32768}
+PREFETCH_BATCHES = 4  # collated batches the CPU side prepares ahead of the device
+FIRST_SLICE, MAX_SLICE = 64, 2048  # texts tokenised per pipeline step: small first (the device starts early), then
+# doubling up to MAX_SLICE (length sorting happens within a slice, so larger slices pad less)
 
 
 @dataclass
@@ -30,7 +41,8 @@ class Segment:
     pool_mask: list[int]
     source: int  # index of the input text
     token_span: tuple[int, int]  # [start, end) in the text's content tokens (special tokens excluded)
-    char_span: tuple[int, int]  # [start, end) in the text as given (title, prefixes excluded)
+    char_span: tuple[int, int] | None  # [start, end) in the text as given (title, prefixes excluded); None when
+    # not asked for (`spans=False`: no offsets are computed)
     text_tokens: int = 0  # content tokens of the whole text, so a caller can tell a window was cut short
 
 
@@ -115,13 +127,16 @@ class Embedder:
             return ""
         return self.config.query_template.format(instruction=instruction)
 
-    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-        """Content token ids (no special tokens) and character offsets of each text, never truncated."""
+    def tokenize(self, texts: list[str], offsets: bool = True
+                 ) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+        """Content token ids (no special tokens) and, if asked, the character offsets of each text; never
+        truncated. Offsets cost as much as the ids to build: callers that need no character spans skip them."""
         if not texts:
-            return [], []
+            return [], ([] if offsets else None)
         with quiet_transformers():  # no "longer than the maximum" warning: windows are cut below
-            enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], enc["offset_mapping"]
+            enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets,
+                                 return_attention_mask=False, return_token_type_ids=False)
+        return enc["input_ids"], (enc["offset_mapping"] if offsets else None)
 
     def _tokenize_unique(self, texts: list[str]) -> dict[str, list[int]]:
         unique = sorted(set(texts))
@@ -172,64 +187,89 @@ class Embedder:
         return segments
 
     def document_segments(
-        self, texts: Sequence[str], titles: Sequence[str | None] | None = None, windows: Windows | None = None
+        self, texts: Sequence[str], titles: Sequence[str | None] | None = None, windows: Windows | None = None,
+        spans: bool = True,
     ) -> list[Segment]:
         """The token windows of each document under the document policy (`config.documents`).
 
         The title is joined as the policy says, and the policy's prefix goes before the content of every
         window. `windows` overrides the policy's (training embeds one `first` window per document).
-        Character spans are relative to the text (the joined title excluded).
+        Character spans are relative to the text (the joined title excluded); `spans=False` skips them
+        (`char_span` is None) and the offsets they need.
         """
         texts = validate_texts(texts, "documents")
-        titles = titles_or_none(titles, len(texts))
+        return self._document_segments(texts, titles_or_none(titles, len(texts)), windows, spans)
+
+    def _document_segments(self, texts: Sequence[str], titles: Sequence[str | None], windows: Windows | None,
+                           spans: bool, first_source: int = 0) -> list[Segment]:
         policy = self.config.documents
         windows = windows or policy.windows
         prefix_ids = self._tokenize_unique([policy.prefix])[policy.prefix] if policy.prefix else []
         budget = self.content_budget - len(prefix_ids)
         if budget < 1:
             raise ConfigError(f"documents.prefix leaves no room for content at max_length={self.config.max_length}")
-        ids, offsets = self.tokenize([policy.join(t, ti) for t, ti in zip(texts, titles)])
+        ids, offsets = self.tokenize([policy.join(t, ti) for t, ti in zip(texts, titles)], offsets=spans)
         stride = budget - min(policy.overlap, budget // 2)
+        head = self._prefix + prefix_ids
+        head_mask = [1] * len(head)
+        tail_mask = [1] * len(self._suffix)
         segments = []
-        for i, (tok, off, title) in enumerate(zip(ids, offsets, titles)):
-            shift = policy.title_offset(title)
+        for i, tok in enumerate(ids):
             starts = [0]
             if windows != "first":
                 starts = list(range(0, max(len(tok) - budget, 0) + 1, stride))
                 if starts[-1] + budget < len(tok):
                     starts.append(starts[-1] + stride)  # cover the tail
+            shift = policy.title_offset(titles[i]) if spans else 0
             for start in starts:
                 end = min(start + budget, len(tok))
-                seg_ids, seg_mask = self._wrap(prefix_ids + tok[start:end], [1] * (len(prefix_ids) + end - start))
-                chars = (max(0, off[start][0] - shift), max(0, off[end - 1][1] - shift)) if end > start else (0, 0)
-                segments.append(Segment(seg_ids, seg_mask, i, (start, end), chars, len(tok)))
+                chars = None
+                if spans:
+                    off = offsets[i]
+                    chars = (max(0, off[start][0] - shift), max(0, off[end - 1][1] - shift)) if end > start else (0, 0)
+                segments.append(Segment(head + tok[start:end] + self._suffix,
+                                        head_mask + [1] * (end - start) + tail_mask,
+                                        first_source + i, (start, end), chars, len(tok)))
         return segments
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens each text costs as a document (every window, special tokens included), for usage accounting."""
         per_text = [0] * len(texts)
-        for seg in self.document_segments(texts):
+        for seg in self.document_segments(texts, spans=False):
             per_text[seg.source] += len(seg.ids)
         return per_text
 
     # ---------------------------------------------------------------- model calls
 
     def collate(self, segments: Sequence[Segment]) -> dict[str, torch.Tensor]:
-        width = max(len(s.ids) for s in segments)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(segments), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(segments), width), dtype=torch.long)
-        pool_mask = torch.zeros((len(segments), width), dtype=torch.long)
-        for row, seg in enumerate(segments):  # right padding: positions 0..n-1 are the real tokens
-            n = len(seg.ids)
-            input_ids[row, :n] = torch.tensor(seg.ids)
-            attention_mask[row, :n] = 1
-            pool_mask[row, :n] = torch.tensor(seg.pool_mask)
-        return {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
-            "pool_mask": pool_mask.to(self.device),
+        """Right-padded (B, W) input_ids / attention_mask / pool_mask on the model's device."""
+        return self.to_device(self.collate_host(segments))
+
+    def collate_host(self, segments: Sequence[Segment]) -> dict[str, torch.Tensor]:
+        """Right-padded (B, W) int64 tensors in host memory (pinned when the model is on CUDA), built with
+        vectorised numpy: one flat copy of all ids, no per-token Python work."""
+        lengths = np.fromiter((len(s.ids) for s in segments), dtype=np.int64, count=len(segments))  # (B,)
+        width, total = int(lengths.max()), int(lengths.sum())
+        valid = np.arange(width)[None, :] < lengths[:, None]  # (B, W): positions 0..n-1 are the real tokens
+        input_ids = np.full((len(segments), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        input_ids[valid] = np.fromiter(chain.from_iterable(s.ids for s in segments), dtype=np.int64, count=total)
+        pool_mask = np.zeros((len(segments), width), dtype=np.int64)
+        pool_mask[valid] = np.fromiter(chain.from_iterable(s.pool_mask for s in segments), dtype=np.int64,
+                                       count=total)
+        batch = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(valid.astype(np.int64)),
+            "pool_mask": torch.from_numpy(pool_mask),
         }
+        if self.device.type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host tensors to the model's device (asynchronous copies from pinned memory on CUDA)."""
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def pooled(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, H) float32 pooled hidden states; differentiable (training calls this)."""
@@ -259,18 +299,92 @@ class Embedder:
             groups.append(current)
         return groups
 
-    @torch.inference_mode()
+    def _prepared(self, segments: Sequence[Segment]
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]]:
+        """(segment indices, their sources, collated host batch) per token-budget batch."""
+        for group in self.batches(segments):
+            yield self._prepared_batch(segments, group)
+
+    def _prepared_batch(self, segments: Sequence[Segment], group: Sequence[int]
+                        ) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+        rows = [segments[i] for i in group]
+        sources = np.fromiter((s.source for s in rows), np.int64, count=len(rows))
+        return np.asarray(group, dtype=np.int64), sources, self.collate_host(rows)
+
+    def _run(self, prepared: Iterable[tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]],
+             count: int | None = None) -> torch.Tensor:
+        """Run prepared batches (computed by a background thread, PREFETCH_BATCHES ahead) through the model.
+
+        Returns (S, H) float32 on CPU in segment order. Vectors stay on the device until the end, so the host
+        never waits for a batch to finish before preparing the next."""
+        done: list[tuple[np.ndarray, torch.Tensor]] = []
+        with torch.inference_mode(), closing(prefetch(prepared, PREFETCH_BATCHES)) as batches:
+            for index, sources, host in batches:
+                done.append((index, self._pooled_or_split(self.to_device(host), sources)))
+        total = count if count is not None else sum(len(i) for i, _ in done)
+        if not done:
+            return torch.empty((total, self.hidden_size), dtype=torch.float32)
+        order = torch.from_numpy(np.concatenate([i for i, _ in done])).to(self.device)  # (S,)
+        out = torch.empty((total, self.hidden_size), dtype=torch.float32, device=self.device)
+        out[order] = torch.cat([v for _, v in done])  # (S, H) back in segment order
+        return out.cpu()
+
+    def _pooled_or_split(self, batch: dict[str, torch.Tensor], sources: np.ndarray) -> torch.Tensor:
+        """`pooled(batch)`; on a device out-of-memory, the batch is retried as two halves (each trimmed to its own
+        width), down to one segment, which then fails with an error naming its document."""
+        try:
+            return self.pooled(batch)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows = batch["input_ids"].shape[0]
+            if rows == 1:
+                raise ValueError(
+                    f"input {int(sources[0])}: one window of {int(batch['attention_mask'].sum())} tokens does not "
+                    f"fit in {self.device} memory; lower max_length") from None
+        half = rows // 2
+        parts = []
+        for part in (slice(0, half), slice(half, rows)):
+            width = int(batch["attention_mask"][part].sum(dim=1).max())
+            sub = {k: v[part, :width] for k, v in batch.items()}  # (b, w): trimmed to this half's longest
+            parts.append(self._pooled_or_split(sub, sources[part]))
+        return torch.cat(parts)
+
     def embed_segments(self, segments: Sequence[Segment]) -> torch.Tensor:
         """(S, H) float32 pooled vectors in segment order, computed in token-budget batches (no gradient).
 
         The segment-level entry point for callers that batch segments themselves (Serve): follow it with
         `document_vectors` / `finish`.
         """
-        out = torch.empty((len(segments), self.hidden_size), dtype=torch.float32)
-        for group in self.batches(segments):
-            vectors = self.pooled(self.collate([segments[i] for i in group]))
-            out[torch.tensor(group)] = vectors.cpu()
-        return out
+        return self._run(self._prepared(segments), len(segments))
+
+    def _embed_documents(self, texts: Sequence[str], titles: Sequence[str | None] | None, spans: bool
+                         ) -> tuple[list[Segment], torch.Tensor]:
+        """All windows of the documents and their (S, H) pooled vectors, tokenised slice by slice in the
+        background while the device runs the previous slice's batches."""
+        texts = validate_texts(texts, "documents")
+        titles = titles_or_none(titles, len(texts))
+        segments: list[Segment] = []
+
+        def produce():
+            # Slices grow from FIRST_SLICE (the device starts early) to MAX_SLICE. Each slice's batches are cut from
+            # its segments plus the previous slice's last (shortest, least full) batch, which is carried over
+            # instead of being run part-empty: batches stay full whatever the slicing.
+            start, size, carried = 0, FIRST_SLICE, []
+            while start < len(texts):
+                end = min(start + size, len(texts))
+                first = len(segments)
+                segments.extend(self._document_segments(texts[start:end], titles[start:end], None, spans,
+                                                        first_source=start))
+                pool = carried + list(range(first, len(segments)))
+                groups = [[pool[i] for i in g] for g in self.batches([segments[i] for i in pool])]
+                carried = groups.pop() if end < len(texts) else []
+                for group in groups:
+                    yield self._prepared_batch(segments, group)
+                start, size = end, min(size * 2, MAX_SLICE)
+
+        pooled = self._run(produce())
+        return segments, pooled
 
     def finish(self, pooled: torch.Tensor, dimensions: int | None = None, normalize: bool | None = None) -> np.ndarray:
         """(N, H) pooled -> (N, D) float32 embeddings: Matryoshka truncation and normalisation as configured
@@ -317,10 +431,10 @@ class Embedder:
     def encode_documents(self, texts: Sequence[str], titles: Sequence[str | None] | None = None) -> np.ndarray:
         """(N, D) float32, input order: one vector per document under the document policy (`first` / `mean`;
         under `best` a document of several windows is an error — see `encode_document_windows`)."""
-        segments = self.document_segments(texts, titles)
+        segments, pooled = self._embed_documents(texts, titles, spans=False)
         if not segments:
             return self._empty()
-        return self.finish(self.document_vectors(segments, self.embed_segments(segments), len(texts)))
+        return self.finish(self.document_vectors(segments, pooled, len(texts)))
 
     def encode_document_windows(self, texts: Sequence[str], titles: Sequence[str | None] | None = None
                                 ) -> ChunkEmbeddings:
@@ -329,11 +443,10 @@ class Embedder:
 
         A `mean` document's row spans all of its windows.
         """
-        segments = self.document_segments(texts, titles)
+        segments, pooled = self._embed_documents(texts, titles, spans=True)
         if not segments:
             return ChunkEmbeddings(self._empty(), *(np.zeros(0, np.int64) for _ in range(2)),
                                    np.zeros((0, 2), np.int64), np.zeros((0, 2), np.int64))
-        pooled = self.embed_segments(segments)
         if self.config.documents.one_vector and len(segments) != len(texts):
             pooled = self.document_vectors(segments, pooled, len(texts))
             first: dict[int, Segment] = {}

@@ -118,7 +118,7 @@ class EncoderImpl:
         if kind == "query":
             segs = emb.query_segments(texts, instruction)
         else:  # only `best` needs truncating to one window; `mean` averages them all, `first` cuts anyway
-            segs = emb.document_segments(texts, windows="first" if truncate and policy == "best" else None)
+            segs = emb.document_segments(texts, windows="first" if truncate and policy == "best" else None, spans=False)
         per_text: list[list] = [[] for _ in texts]
         for seg in segs:
             per_text[seg.source].append(dataclasses.replace(seg, source=0))

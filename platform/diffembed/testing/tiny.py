@@ -193,8 +193,12 @@ def write_tiny_checkpoint(
     kv_heads: int = 2,
     intermediate_size: int = 128,
     max_positions: int = 2048,
+    dtype: str = "float32",
 ) -> Path:
-    """Write a random tiny checkpoint of `family` into `directory` and return the directory."""
+    """Write a random tiny checkpoint of `family` into `directory` and return the directory.
+
+    With the real widths (e.g. hidden 3584, 28 heads, 4 KV heads, intermediate 18944 for Dream-7B) and a few layers
+    it is a faithful 7B-shaped model for memory and speed work; `dtype="bfloat16"` stores it as the real one is."""
     import torch
     from huggingface_hub import save_torch_state_dict
     from transformers import (
@@ -233,6 +237,8 @@ def write_tiny_checkpoint(
         model = LlamaForCausalLM(LlamaConfig(**dims, num_key_value_heads=heads if family == "llada" else kv_heads,
                                              rms_norm_eps=1e-5, rope_parameters=rope, **ids))
     _randomize(model, seed)
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
 
     if family in ("qwen2", "llama", "mistral"):
         # save_pretrained writes nothing (no config, no weights) on a torch.distributed rank other than 0, e.g. in
@@ -256,7 +262,8 @@ def write_tiny_checkpoint(
             "layer_norm_with_affine": True, "mask_token_id": tok.token_to_id(mask),
             "max_sequence_length": max_positions, "mlp_hidden_size": intermediate_size, "mlp_ratio": 4,
             "model_type": "llada", "multi_query_attention": None, "n_heads": heads, "n_kv_heads": heads,
-            "n_layers": layers, "precision": "amp_bf16", "residual_dropout": 0.0, "rms_norm_eps": 1e-5,
+            "n_layers": layers, "precision": "amp_bf16", "torch_dtype": dtype,
+            "residual_dropout": 0.0, "rms_norm_eps": 1e-5,
             "rope": True, "rope_full_precision": True, "rope_theta": 5e5, "scale_logits": False,
             "transformers_version": "4.46.3", "use_cache": False, "vocab_size": vocab, "weight_tying": False,
             **ids,
@@ -270,7 +277,7 @@ def write_tiny_checkpoint(
             "max_position_embeddings": max_positions, "max_window_layers": layers, "model_type": "Dream",
             "num_attention_heads": heads, "num_hidden_layers": layers, "num_key_value_heads": kv_heads,
             "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1e6, "sliding_window": None,
-            "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.46.2",
+            "tie_word_embeddings": False, "torch_dtype": dtype, "transformers_version": "4.46.2",
             "use_cache": True, "use_sliding_window": False, "vocab_size": vocab, **ids,
         }
     save_torch_state_dict(state, str(directory), max_shard_size=SHARD_SIZE)
