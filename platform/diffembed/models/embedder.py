@@ -13,6 +13,7 @@ on CPU and GPU.
 from __future__ import annotations
 
 from contextlib import closing
+import math
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Iterable, Iterator, Sequence
@@ -32,7 +33,8 @@ from diffembed.models.prefetch import prefetch
 DEFAULT_BATCH_TOKENS = {False: 1024, True: 32768}
 PREFETCH_BATCHES = 4  # collated batches the CPU side prepares ahead of the device
 FIRST_SLICE, MAX_SLICE = 64, 2048  # texts tokenised per pipeline step: small first (the device starts early), then
-# doubling up to MAX_SLICE (length sorting happens within a slice, so larger slices pad less)
+# doubling up to MAX_SLICE
+BUCKET_RATIO = 1.1  # windows wait for a batch among windows within 10 % of their length: little padding
 
 
 @dataclass
@@ -89,6 +91,10 @@ class Embedder:
             raise ConfigError(f"dimensions={self.config.dimensions} exceeds the model's width {hidden}")
         self.hidden_size = hidden
         self.dimension = self.config.dimensions or hidden
+        # Bidirectional attention through SDPA takes a key-padding mask directly (see `pooled`); eager attention
+        # wants an additive float mask and flash-attention a 2-D one, so they get the 2-D mask as before.
+        self._key_padding_mask = (self.config.attention == "bidirectional"
+                                  and getattr(self.model.config, "_attn_implementation", None) == "sdpa")
 
     # ---------------------------------------------------------------- tokenisation
 
@@ -273,7 +279,12 @@ class Embedder:
 
     def pooled(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, H) float32 pooled hidden states; differentiable (training calls this)."""
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        mask = batch["attention_mask"]
+        if self._key_padding_mask:
+            # (B, 1, 1, T): every query attends to the real keys; padded queries' outputs are never pooled. Given
+            # ready-made, transformers uses it as-is: no (B, 1, T, T) mask is built and no host sync checks it.
+            mask = mask.bool()[:, None, None, :]
+        out = self.model(input_ids=batch["input_ids"], attention_mask=mask)
         return pool(out.last_hidden_state, batch["attention_mask"], batch["pool_mask"], self.config.pooling)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -304,6 +315,11 @@ class Embedder:
         """(segment indices, their sources, collated host batch) per token-budget batch."""
         for group in self.batches(segments):
             yield self._prepared_batch(segments, group)
+
+    def _is_full(self, segments: Sequence[Segment], group: Sequence[int]) -> bool:
+        """A batch that another window would not fit in (by tokens or by rows)."""
+        width = max(len(segments[i].ids) for i in group)
+        return len(group) >= self.config.max_batch_size or width * (len(group) + 1) > self.config.max_batch_tokens
 
     def _prepared_batch(self, segments: Sequence[Segment], group: Sequence[int]
                         ) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
@@ -367,21 +383,30 @@ class Embedder:
         segments: list[Segment] = []
 
         def produce():
-            # Slices grow from FIRST_SLICE (the device starts early) to MAX_SLICE. Each slice's batches are cut from
-            # its segments plus the previous slice's last (shortest, least full) batch, which is carried over
-            # instead of being run part-empty: batches stay full whatever the slicing.
-            start, size, carried = 0, FIRST_SLICE, []
+            # Slices grow from FIRST_SLICE (the device starts early) to MAX_SLICE. Windows wait in length buckets
+            # (widths within a factor BUCKET_RATIO) until a bucket fills a batch, so batches are as tight as a global
+            # length sort would make them; whatever is left at the end is batched together.
+            start, size, buckets = 0, FIRST_SLICE, {}
             while start < len(texts):
                 end = min(start + size, len(texts))
                 first = len(segments)
                 segments.extend(self._document_segments(texts[start:end], titles[start:end], None, spans,
                                                         first_source=start))
-                pool = carried + list(range(first, len(segments)))
-                groups = [[pool[i] for i in g] for g in self.batches([segments[i] for i in pool])]
-                carried = groups.pop() if end < len(texts) else []
-                for group in groups:
-                    yield self._prepared_batch(segments, group)
+                for i in range(first, len(segments)):
+                    key = int(math.log(len(segments[i].ids)) / math.log(BUCKET_RATIO))
+                    buckets.setdefault(key, []).append(i)
+                for key, members in buckets.items():
+                    groups = [[members[i] for i in g] for g in self.batches([segments[i] for i in members])]
+                    full = [g for g in groups if self._is_full(segments, g)]
+                    for group in full:
+                        yield self._prepared_batch(segments, group)
+                    if full:
+                        done = {i for g in full for i in g}
+                        buckets[key] = [i for i in members if i not in done]
                 start, size = end, min(size * 2, MAX_SLICE)
+            rest = [i for members in buckets.values() for i in members]
+            for group in self.batches([segments[i] for i in rest]):
+                yield self._prepared_batch(segments, [rest[i] for i in group])
 
         pooled = self._run(produce())
         return segments, pooled
