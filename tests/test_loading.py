@@ -148,3 +148,23 @@ def test_unknown_family_in_config_is_rejected():
 def test_encoder_cannot_be_causal(model_path):
     with pytest.raises(ConfigError, match="bidirectional"):
         load_backbone(EmbedderConfig(model=model_path("bert"), attention="causal"))
+
+
+def test_flash_attention_without_its_package_is_a_config_error():
+    import importlib.util
+
+    from diffembed.config import ConfigError
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match="flash_attention_2 needs the flash-attn package"):
+        Embedder(EmbedderConfig(model="tiny:dream", attn_implementation="flash_attention_2"))
+
+
+def test_cuda_requested_without_cuda_is_a_config_error():
+    from diffembed.config import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        Embedder(EmbedderConfig(model="tiny:dream", device="cuda"))

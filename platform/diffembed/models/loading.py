@@ -206,7 +206,30 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_runtime(cfg: EmbedderConfig, device: torch.device) -> None:
+    """What this machine cannot run is a config error before any weight is read (never a silent fallback that
+    would change the vectors): bf16 on a GPU without bf16 support, flash-attention without its package or GPU."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device} requested but CUDA is not available on this machine")
+        if cfg.dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            name = torch.cuda.get_device_name(device)
+            major, minor = torch.cuda.get_device_capability(device)
+            raise ConfigError(f"dtype bf16 is not supported by {name} (compute capability {major}.{minor}); "
+                              "use dtype fp16 or fp32")
+    if cfg.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("attn_implementation flash_attention_2 needs the flash-attn package, which is not "
+                              "installed; use sdpa (the default)")
+        if device.type != "cuda" or cfg.dtype == "fp32":
+            raise ConfigError("attn_implementation flash_attention_2 runs on CUDA in bf16 or fp16 only")
+
+
 def load_backbone(cfg: EmbedderConfig, device: torch.device | None = None) -> Backbone:
+    device = device or pick_device(cfg.device)
+    check_runtime(cfg, device)
     path = resolve_model_path(cfg.model)
     raw = read_json(path / "config.json")
     family = resolve_family(cfg, raw, path)
@@ -240,7 +263,6 @@ def load_backbone(cfg: EmbedderConfig, device: torch.device | None = None) -> Ba
     set_attention_mode(model, attention)
     if cfg.lora_adapter:
         model = merge_lora(model, cfg.lora_adapter)
-    device = device or pick_device(cfg.device)
     model.to(device).eval()
     with quiet_transformers():
         tokenizer = load_tokenizer(path, family)
