@@ -16,7 +16,7 @@ from diffembed.config import ConfigError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Contrastive fine-tuning of a diffembed embedder.")
     parser.add_argument("--config", required=True, help="YAML file with a TrainConfig")
-    parser.add_argument("--resume", help="an earlier run directory (<storage_path>/<name>) to continue from")
+    parser.add_argument("--resume", help="an earlier run directory or URI (<storage_path>/<name>) to continue from")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for nested fields")
     args = parser.parse_args(argv)
     try:
@@ -25,11 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig.from_yaml(args.config, args.overrides)
         cfg.check_files()  # before Ray starts
         if args.resume:
-            from pathlib import Path
+            from diffembed.train.checkpoints import latest_checkpoint
 
-            from diffembed.train.loop import latest_checkpoint
-
-            latest_checkpoint(Path(args.resume))
+            latest_checkpoint(args.resume)  # a local run directory or a URI (file://, s3://)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

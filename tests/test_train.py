@@ -14,7 +14,8 @@ import pytest
 
 from diffembed import Embedder, EmbedderConfig
 from diffembed.train.config import TrainConfig
-from diffembed.train.loop import PROBE_FILE, train
+from diffembed.train.checkpoints import PROBE_FILE
+from diffembed.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "train_tiny.yaml"
@@ -146,14 +147,57 @@ def test_bad_config_fails_before_ray(overrides, needle):
     assert "ray" not in proc.stdout.lower()
 
 
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def probe_of(checkpoint_dir) -> np.ndarray:
+    return np.asarray(json.loads((Path(checkpoint_dir) / PROBE_FILE).read_text())["embeddings"], dtype=np.float32)
+
+
 def test_resume_an_earlier_run(ray_cluster, tmp_path, tiny_checkpoints):
-    first = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=4", "run.checkpoint_every=4")
+    """--resume continues from an earlier run's latest checkpoint, which holds the LoRA adapter and its optimizer
+    state but none of the frozen base weights, and ends where one uninterrupted run ends."""
+    import torch
+
+    same = ["lora.r=2", "lora.alpha=4", "lora.dropout=0", "optim.schedule=constant", "run.checkpoint_every=4"]
+    first = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=4", *same)
     assert train(first)["step"] == 4
-    longer = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=8", "run.checkpoint_every=4",
-                         "run.name=train-tiny-more")
+    [ckpt] = [p for p in first.run_dir.glob("checkpoint_*") if p.is_dir()]
+    module = torch.load(ckpt / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert module and all("lora_" in name for name in module), sorted(module)[:4]  # no frozen weight saved
+    base = sum(f.stat().st_size for f in Path(tiny_checkpoints["dream"]).glob("*.safetensors"))
+    # DeepSpeed's files (beside them: its ~40 kB conversion scripts, metrics, history), against the base's weights.
+    assert dir_bytes(ckpt / "ds") < 0.25 * base, (dir_bytes(ckpt / "ds"), base)
+
+    longer = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=8", "run.name=train-tiny-more", *same)
     metrics = train(longer, resume=str(first.run_dir))
     assert metrics["step"] == 8 and metrics["attempt"] == 1  # continued from step 4, did not start over
     assert [h["step"] for h in history(longer)] == list(range(1, 9))
+    straight = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=8", "run.name=train-tiny-straight", *same)
+    reference = train(straight)
+    np.testing.assert_allclose(probe_of(metrics["checkpoint_dir"]), probe_of(reference["checkpoint_dir"]),
+                               atol=2e-4)
+    losses = {h["step"]: h["loss"] for h in history(straight)}
+    assert all(abs(h["loss"] - losses[h["step"]]) < 1e-4 for h in history(longer)), (history(longer), losses)
+
+
+def test_uri_storage_path_trains_exports_and_resumes(ray_cluster, tmp_path, tiny_checkpoints):
+    """run.storage_path as a URI (file:// here, s3:// on a cluster): Ray Train writes checkpoints through it, the
+    export is uploaded into it, and --resume finds the latest checkpoint by listing it."""
+    uri = f"file://{tmp_path}/store"
+    first = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=2", "run.checkpoint_every=2",
+                        f"run.storage_path={uri}")
+    assert first.run_uri == f"{uri}/train-tiny" and first.run_dir == tmp_path / "store" / "train-tiny"
+    metrics = train(first)
+    assert metrics["export_dir"] == f"{uri}/train-tiny/export"
+    assert (first.export_path / "model.safetensors").is_file() and (first.export_path / "diffembed.json").is_file()
+    assert [p for p in first.run_dir.glob("checkpoint_*") if p.is_dir()]
+    longer = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=4", "run.checkpoint_every=2",
+                         f"run.storage_path={uri}", "run.name=train-tiny-more")
+    resumed = train(longer, resume=first.run_uri)
+    assert resumed["step"] == 4 and resumed["attempt"] == 1
+    assert [h["step"] for h in history(longer)] == [1, 2, 3, 4]
 
 
 # ---------------------------------------------------------------- deepspeed.enabled: false (plain PyTorch DDP)
@@ -167,7 +211,7 @@ def lora_b_norm(state: dict) -> float:
 def test_ddp_training_without_deepspeed_learns_checkpoints_and_exports(ray_cluster, tmp_path, tiny_checkpoints):
     import torch
 
-    from diffembed.train.loop import TORCH_DIR, TORCH_MODEL_FILE, TORCH_STATE_FILE
+    from diffembed.train.checkpoints import TORCH_DIR, TORCH_MODEL_FILE, TORCH_STATE_FILE
 
     cfg = tiny_config(tmp_path, tiny_checkpoints, "deepspeed.enabled=false")
     metrics = train(cfg)
@@ -207,7 +251,9 @@ def test_torch_backend_never_imports_deepspeed(monkeypatch, tmp_path, tiny_check
     import torch
 
     from diffembed.train.export import export_from_checkpoint
-    from diffembed.train.loop import TorchBackend, build_trainable, checkpoint_state_dict, make_backend
+    from diffembed.train.backends import TorchBackend, make_backend
+    from diffembed.train.checkpoints import checkpoint_state_dict
+    from diffembed.train.worker import build_trainable
     from diffembed.train.losses import info_nce
 
     for name in [m for m in sys.modules if m == "deepspeed" or m.startswith("deepspeed.")] + ["deepspeed"]:
@@ -253,7 +299,8 @@ import torch.distributed as dist
 
 from diffembed import Embedder
 from diffembed.train.config import TrainConfig
-from diffembed.train.loop import build_trainable, make_backend, train_step
+from diffembed.train.backends import make_backend
+from diffembed.train.worker import build_trainable, train_step
 from diffembed.train.losses import info_nce
 
 model, rank, world, chunk, init, out = sys.argv[1:7]

@@ -134,9 +134,33 @@ class TrainConfig(ConfigModel):
             expand_files(self.eval.dev_files, "eval.dev_files")
 
     @property
+    def run_uri(self) -> str:
+        """`<storage_path>/<name>`: an absolute local path, or a URI (`file:///…`, `s3://…`) kept as a URI."""
+        from diffembed.train import storage
+
+        return storage.join(storage.normalize(self.run.storage_path), self.run.name)
+
+    @property
+    def export_uri(self) -> str:
+        from diffembed.train import storage
+
+        return storage.normalize(self.run.export_dir) if self.run.export_dir else storage.join(self.run_uri, "export")
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.run.storage_path).expanduser() / self.run.name
+        """The run directory on this machine (a local `storage_path` or a `file://` one); use `run_uri` for any."""
+        return _local(self.run_uri, "run.storage_path")
 
     @property
     def export_path(self) -> Path:
-        return Path(self.run.export_dir).expanduser() if self.run.export_dir else self.run_dir / "export"
+        return _local(self.export_uri, "run.export_dir")
+
+
+def _local(location: str, what: str) -> Path:
+    from diffembed.config import ConfigError
+    from diffembed.train import storage
+
+    path = storage.local_path(location)
+    if path is None:
+        raise ConfigError(f"{what}: {location} is not on a local filesystem")
+    return path

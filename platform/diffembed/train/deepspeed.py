@@ -2,7 +2,7 @@
 source of truth) and the backend that wraps the model in a DeepSpeed engine.
 
 Nothing here imports `deepspeed` at module level: with `deepspeed.enabled: false` the loop trains with plain
-PyTorch DDP (`diffembed.train.loop.TorchBackend`) and DeepSpeed is never imported or initialised.
+PyTorch DDP (`diffembed.train.backends.TorchBackend`) and DeepSpeed is never imported or initialised.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class DeepSpeedBackend:
         import deepspeed
         import torch
 
-        from diffembed.train.loop import make_scheduler
+        from diffembed.train.backends import make_scheduler
 
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.deepspeed.offload_optimizer:
@@ -94,19 +94,27 @@ class DeepSpeedBackend:
         self.engine.eval()
 
     def save(self, directory: str, client_state: dict[str, Any], rank: int) -> bool:
-        """Every rank writes its shard; returns whether this rank reports the directory (all do)."""
-        self.engine.save_checkpoint(directory, tag=CKPT_TAG, client_state=client_state)
+        """Every rank writes its shard; returns whether this rank reports the directory (all do). Frozen
+        parameters (the LoRA base) are left out: a resume or an export reloads them from the base checkpoint."""
+        self.engine.save_checkpoint(
+            directory, tag=CKPT_TAG, client_state=client_state, exclude_frozen_parameters=True
+        )
         return True
 
     def load(self, directory: str) -> dict[str, Any]:
         if not Path(directory, CKPT_TAG).is_dir():
             raise RuntimeError(f"{directory} holds no DeepSpeed checkpoint (written with deepspeed.enabled: false?)")
-        _, client = self.engine.load_checkpoint(directory, tag=CKPT_TAG)
+        # Not strict: the checkpoint has no frozen weights; the model already holds them from the base.
+        _, client = self.engine.load_checkpoint(directory, tag=CKPT_TAG, load_module_strict=False)
         return client
 
 
-def fp32_state_dict(directory: str) -> dict[str, Any]:
-    """Full fp32 weights gathered from a DeepSpeed checkpoint's ZeRO shards."""
+def fp32_state_dict(directory: str, lazy: bool = False) -> dict[str, Any]:
+    """The trainable parameters in fp32, gathered from a DeepSpeed checkpoint's ZeRO-2/3 shards (frozen ones are
+    never read, even from a checkpoint that holds them). `lazy`: values are DeepSpeed's gathered-tensor handles,
+    each materialised by `.contiguous()`, so full fine-tuned weights can be streamed one tensor at a time."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(directory, tag=CKPT_TAG)
+    return get_fp32_state_dict_from_zero_checkpoint(
+        directory, tag=CKPT_TAG, exclude_frozen_parameters=True, lazy_mode=lazy
+    )

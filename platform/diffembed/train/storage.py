@@ -1,0 +1,78 @@
+"""Where a run's results live: a local directory or a URI (`file:///abs/dir` now, `s3://bucket/prefix` later).
+
+Every location goes through `pyarrow.fs` (the filesystem layer Ray Train itself uses for `storage_path`), so a
+local path and a URI are listed, read and written the same way; `local_path` says when a location is also a plain
+directory on this machine (a local path or `file://`), which the Embedder and pathlib can open directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def normalize(location: str) -> str:
+    """A URI as given (a trailing slash dropped); a local path made absolute (Ray Train wants absolute paths)."""
+    if is_uri(location):
+        return location.rstrip("/")
+    return str(Path(location).expanduser().resolve())
+
+
+def join(location: str, *parts: str) -> str:
+    return "/".join([location.rstrip("/"), *parts])
+
+
+def local_path(location: str) -> Path | None:
+    """The plain directory a location names on this machine, or None for a remote store (s3://, gs://)."""
+    if not is_uri(location):
+        return Path(location).expanduser()
+    if location.startswith("file://"):
+        from pyarrow.fs import FileSystem
+
+        return Path(FileSystem.from_uri(location)[1])
+    return None
+
+
+def filesystem(location: str):
+    """(pyarrow filesystem, path inside it) for a local path or a URI."""
+    from pyarrow.fs import FileSystem, LocalFileSystem
+
+    if is_uri(location):
+        return FileSystem.from_uri(location)
+    return LocalFileSystem(), normalize(location)
+
+
+def list_dirs(location: str, prefix: str) -> list[tuple[str, float]]:
+    """(URI-or-path, mtime) of the directories directly under `location` whose names start with `prefix`;
+    [] when `location` does not exist."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, path = filesystem(location)
+    infos = fs.get_file_info(FileSelector(path, allow_not_found=True))
+    found = []
+    for info in infos:
+        if info.type == FileType.Directory and info.base_name.startswith(prefix):
+            mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+            found.append((join(location, info.base_name), mtime))
+    return found
+
+
+def upload(local_dir: Path, location: str) -> None:
+    """Copy a finished local directory to `location` (replacing what was there): written to `<location>.partial`
+    first and moved into place, so a failed upload never leaves a half-written directory under the final name
+    (on object stores the move is a copy, but the final name is still only ever written complete)."""
+    from pyarrow.fs import FileType, copy_files
+
+    fs, path = filesystem(location)
+    partial = path + ".partial"
+    for stale in (partial,):
+        if fs.get_file_info(stale).type != FileType.NotFound:
+            fs.delete_dir(stale)
+    fs.create_dir(partial, recursive=True)
+    copy_files(str(local_dir), partial, destination_filesystem=fs)
+    if fs.get_file_info(path).type != FileType.NotFound:
+        fs.delete_dir(path)
+    fs.move(partial, path)

@@ -1,0 +1,207 @@
+"""What every Ray Train worker runs: build the trainable model, step through its slice of the batch plan, report.
+
+Each worker loads the backbone through the same `Embedder` that batch inference and serving use, wraps it with
+peft LoRA (or trains it fully), hands it to a backend (`diffembed.train.backends`) and steps through its share of
+the shared global-batch plan. Checkpoints go through `diffembed.train.checkpoints.report`; on a restart (worker
+failure or `--resume`) the loop reloads the latest one and continues at its step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+
+from diffembed.train import checkpoints
+from diffembed.train.backends import make_backend
+from diffembed.train.config import LORA_TARGETS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+BERT_LORA_TARGETS = ["query", "key", "value", "dense"]
+PROBE_TEXTS = [
+    "diffusion language models read text in both directions",
+    "a query about retrieval",
+    "The quick brown fox jumps over the lazy dog.",
+]
+
+
+def lora_targets(cfg: TrainConfig, family: str) -> list[str]:
+    if family == "bert" and cfg.lora.target_modules == LORA_TARGETS:
+        return BERT_LORA_TARGETS  # BERT names its projections differently
+    return cfg.lora.target_modules
+
+
+def build_trainable(embedder, cfg: TrainConfig):
+    """The backbone as it is trained: LoRA-wrapped (peft) or full, gradient checkpointing if asked."""
+    model = embedder.model
+    if cfg.optim.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=lora_targets(cfg, embedder.config.family),
+            bias="none",
+        )
+        model = get_peft_model(model, lora)
+        if cfg.optim.gradient_checkpointing:
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def _step_rows(plan: list[list[dict]], step: int, rank: int, per_worker: int) -> list[dict]:
+    return plan[step][rank * per_worker : (rank + 1) * per_worker]
+
+
+def train_step(embedder, engine, q_segs, p_segs, n_segs, loss_fn, chunk: int | None):
+    """One optimizer step on this rank's share of the global batch; returns the (local) loss.
+
+    Without `chunk`: one forward per group, one backward. With it, GradCache: every chunk is embedded twice
+    (see `grad_cache_step`); each chunk's second forward and its backward run under the backend's
+    `accumulate` context, so DDP all-reduces gradients once, after the step's last chunk (DeepSpeed is told
+    the same through its gradient-accumulation boundary)."""
+    import torch
+
+    from diffembed.train.losses import grad_cache_step
+
+    def embed(segs):
+        with engine.autocast():
+            return embedder.forward(embedder.collate(segs))  # (b, D)
+
+    if chunk:
+        total = sum(math.ceil(len(g) / chunk) for g in (q_segs, p_segs, n_segs))
+        backwards = [0]
+        pending = contextlib.ExitStack()  # DDP's no_sync spans a chunk's forward and its backward
+
+        def embed_chunk(segs):
+            if torch.is_grad_enabled():  # GradCache's second pass: this chunk's backward comes next
+                pending.enter_context(engine.accumulate(last=backwards[0] + 1 == total))
+            return embed(segs)
+
+        def backward(t, g):
+            backwards[0] += 1
+            with pending:
+                engine.backward((t.float() * g).sum(), boundary=backwards[0] == total)
+
+        def chunks(segs):
+            return [segs[i : i + chunk] for i in range(0, len(segs), chunk)]
+
+        loss = grad_cache_step(
+            embed_chunk,
+            chunks(q_segs),
+            chunks(p_segs),
+            chunks(n_segs) if n_segs else None,
+            loss_fn=loss_fn,
+            backward_fn=backward,
+        )
+    else:
+        q, p = embed(q_segs), embed(p_segs)
+        n = embed(n_segs) if n_segs else None
+        loss = loss_fn(q, p, n)
+        engine.backward(loss)
+    engine.step()
+    return loss
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import torch
+
+    from diffembed.models.embedder import Embedder
+    from diffembed.train.losses import info_nce
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    plan = ray.get(config["plan"])
+    dev = ray.get(config["dev"]) if config.get("dev") is not None else []
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.run.seed + rank)
+    device = ray.train.torch.get_device() if cfg.run.use_gpu else torch.device("cpu")
+
+    embedder = Embedder(cfg.embedder.model_copy(update={"device": str(device)}))
+    model = build_trainable(embedder, cfg)
+    engine = make_backend(cfg, model, device, world)
+    embedder.model = engine.model  # the Embedder's forward now runs through DeepSpeed / DDP
+
+    start_step, attempt, history = 0, 0, []
+    # A restart after a failure resumes from this run's latest checkpoint; `--resume` from an earlier run's.
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            client = engine.load(ckpt_dir)
+            start_step, attempt = client["step"], client.get("attempt", 0) + 1
+            history = checkpoints.read_history(ckpt_dir)
+            log.info("rank %d resumed at step %d", rank, start_step)
+
+    b = cfg.per_worker_batch_size
+    gather = cfg.loss.gather_across_workers and world > 1
+    chunk = cfg.loss.grad_cache_chunk_size
+
+    def loss_fn(q, p, n):
+        return info_nce(q, p, n, scale=cfg.loss.scale, gather=gather)
+
+    for step in range(start_step, cfg.optim.max_steps):
+        if cfg.run.fail_at_step is not None and step == cfg.run.fail_at_step and attempt == 0 and rank == 0:
+            raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
+        started = time.perf_counter()
+        rows = _step_rows(plan, step, rank, b)
+        q_segs = embedder.query_segments([r["query"] for r in rows], [r["instruction"] for r in rows])
+        p_segs = embedder.document_segments([r["positive"] for r in rows], windows="first")
+        n_texts = [n for r in rows for n in r["negatives"]]
+        n_segs = embedder.document_segments(n_texts, windows="first") if n_texts else []
+        tokens = sum(len(s.ids) for s in (*q_segs, *p_segs, *n_segs))
+
+        loss = train_step(embedder, engine, q_segs, p_segs, n_segs, loss_fn, chunk)
+
+        elapsed = time.perf_counter() - started
+        step_no = step + 1
+        loss = loss.detach().float().clone()
+        if world > 1:  # report the global batch's loss, not rank 0's share
+            torch.distributed.all_reduce(loss)
+            loss /= world
+        metrics = {
+            "step": step_no,
+            "attempt": attempt,
+            "loss": float(loss),
+            "lr": engine.lr(),
+            "samples_per_s": cfg.optim.global_batch_size / elapsed,
+            "tokens_per_s": tokens * world / elapsed,
+        }
+        if dev and cfg.eval.every and step_no % cfg.eval.every == 0:
+            metrics.update({f"dev_{k}": v for k, v in _evaluate(embedder, engine, dev).items()})
+        history.append({k: v for k, v in metrics.items() if k in ("step", "loss", "lr", "samples_per_s")
+                        or k.startswith("dev_")})
+        save = step_no % cfg.run.checkpoint_every == 0 or step_no == cfg.optim.max_steps
+        if save or step_no % cfg.run.log_every == 0:
+            probe = _probe(embedder, engine) if step_no == cfg.optim.max_steps else None
+            checkpoints.report(engine, {**metrics, "backend": engine.name}, save, attempt, rank, probe, history)
+
+
+def _evaluate(embedder, engine, dev) -> dict[str, float]:
+    """Dev-set retrieval metrics of the model being trained; every rank runs it (ZeRO-3 needs them all)."""
+    from diffembed.train.dev_eval import dev_ndcg
+
+    engine.eval()
+    try:
+        return dev_ndcg(embedder, dev)
+    finally:
+        engine.train()
+
+
+def _probe(embedder, engine) -> dict[str, Any]:
+    """Embeddings of fixed texts from the final model (eval mode), to check the export against."""
+    import torch
+
+    engine.eval()
+    with torch.no_grad():
+        vectors = embedder.forward(embedder.collate(embedder.document_segments(PROBE_TEXTS, windows="first")))
+    engine.train()
+    return {"texts": PROBE_TEXTS, "embeddings": vectors.float().cpu().tolist()}
