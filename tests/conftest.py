@@ -60,6 +60,10 @@ def _hermetic_environment() -> tuple[str, bool]:
 
 RUN_DIR, _RUN_DIR_CREATED = _hermetic_environment()
 
+from s3 import configure_environment, s3_bucket, s3_server  # noqa: E402,F401 (fixtures for every test module)
+
+configure_environment(RUN_DIR)  # the loopback S3 endpoint, before anything starts Ray (its workers copy this env)
+
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 

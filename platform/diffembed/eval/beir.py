@@ -3,17 +3,19 @@
 corpus.jsonl rows are `{"_id", "title", "text"}` (text and title kept apart: the embedder's document policy
 joins them, the same way for evaluation, the batch job and serving), queries.jsonl rows `{"_id", "text"}`, and the qrels TSV has a `query-id corpus-id score`
 header. Queries with no relevant (score > 0) judgement in the split are dropped, as BEIR does. Anything
-malformed is a `ConfigError` naming the file (and line).
+malformed is a `ConfigError` naming the file (and line). The folder may be a URI (`s3://…`, `file://…`): files
+are opened through `diffembed.files`, like every other input.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diffembed.config import ConfigError
-from diffembed.files import json_lines
+from diffembed.files import is_dir, is_file, is_uri, join, json_lines, list_files, open_input
 
 
 @dataclass
@@ -28,11 +30,15 @@ class RetrievalData:
     titles: dict[str, str] = field(default_factory=dict)  # doc id -> title, for documents that have one
 
 
-def _jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
-    if not path.is_file():
+def _open_text(path: str | Path):
+    return io.TextIOWrapper(open_input(str(path)), encoding="utf-8")
+
+
+def _jsonl(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
+    if not is_file(str(path)):
         raise ConfigError(f"{what} file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for number, row in json_lines(f):
             if isinstance(row, ValueError):
                 raise ConfigError(f"{path}:{number}: {row}")
@@ -53,7 +59,7 @@ def _text(row: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def read_corpus(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+def read_corpus(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     """(doc id -> text, doc id -> title for the documents that have one)."""
     corpus: dict[str, str] = {}
     titles: dict[str, str] = {}
@@ -72,7 +78,7 @@ def read_corpus(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     return corpus, titles
 
 
-def read_queries(path: Path) -> dict[str, str]:
+def read_queries(path: str | Path) -> dict[str, str]:
     queries: dict[str, str] = {}
     for number, row in _jsonl(path, "queries"):
         query_id, where = str(row["_id"]), f"{path}:{number}"
@@ -87,14 +93,18 @@ def read_queries(path: Path) -> dict[str, str]:
     return queries
 
 
-def available_splits(root: Path) -> list[str]:
-    qrels_dir = root / "qrels"
-    return sorted(p.stem for p in qrels_dir.glob("*.tsv")) if qrels_dir.is_dir() else []
+def available_splits(root: str | Path) -> list[str]:
+    qrels_dir = join(str(root), "qrels")
+    if not is_dir(qrels_dir):
+        return []
+    base = qrels_dir.split("?", 1)[0].rstrip("/") + "/"
+    names = (f.split("?", 1)[0].removeprefix(base) for f in list_files(qrels_dir, (".tsv",)))
+    return sorted(n.removesuffix(".tsv") for n in names if "/" not in n)  # qrels/<split>.tsv, not deeper
 
 
-def read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, str]) -> dict[str, dict[str, int]]:
+def read_qrels(path: str | Path, queries: dict[str, str], corpus: dict[str, str]) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -124,16 +134,16 @@ def read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, str]) -> d
 def load_beir(path: str | Path, split: str = "test", name: str | None = None,
               max_queries: int | None = None) -> RetrievalData:
     """Read a BEIR-layout dataset; only queries with a relevant document in `split` are kept."""
-    root = Path(path).expanduser()
-    if not root.is_dir():
+    root = str(path) if is_uri(str(path)) else str(Path(path).expanduser())
+    if not is_dir(root):
         raise ConfigError(f"BEIR dataset folder not found: {root}")
-    qrels_path = root / "qrels" / f"{split}.tsv"
-    if not qrels_path.is_file():
+    qrels_path = join(root, "qrels", f"{split}.tsv")
+    if not is_file(qrels_path):
         splits = available_splits(root)
-        have = ", ".join(splits) if splits else f"none: {root / 'qrels'} holds no .tsv files"
+        have = ", ".join(splits) if splits else f"none: {join(root, 'qrels')} holds no .tsv files"
         raise ConfigError(f"{root}: no split {split!r} (available: {have})")
-    corpus, titles = read_corpus(root / "corpus.jsonl")
-    queries = read_queries(root / "queries.jsonl")
+    corpus, titles = read_corpus(join(root, "corpus.jsonl"))
+    queries = read_queries(join(root, "queries.jsonl"))
     qrels = read_qrels(qrels_path, queries, corpus)
     judged = [q for q in queries if any(grade > 0 for grade in qrels.get(q, {}).values())]
     if not judged:
@@ -141,10 +151,10 @@ def load_beir(path: str | Path, split: str = "test", name: str | None = None,
     if max_queries is not None:
         judged = judged[:max_queries]
     return RetrievalData(
-        name=name or root.name,
+        name=name or root.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1],
         corpus=corpus,
         queries={q: queries[q] for q in judged},
         qrels={q: qrels[q] for q in judged},
-        meta={"path": str(root), "split": split, "queries_in_file": len(queries)},
+        meta={"path": root, "split": split, "queries_in_file": len(queries)},
         titles=titles,
     )

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from diffembed.config import ConfigError
-from diffembed.files import decode_lines, json_lines
+from diffembed.files import decode_lines, json_lines, open_input
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class BadRows:
 
 
 def _kind(path: str, fmt: str) -> str:
+    path = path.split("?", 1)[0] if "://" in path else path  # a URI's ?endpoint_override=… is not its suffix
     return fmt if fmt != "auto" else ("parquet" if path.endswith((".parquet", ".pq")) else "jsonl")
 
 
@@ -56,11 +57,13 @@ def _parse(data: bytes, kind: str) -> Iterator[tuple[int, Any]]:
 
 
 def _rows(path: str, fmt: str) -> Iterator[tuple[int, Any]]:
-    import pyarrow.fs as pafs
-
-    fs, fs_path = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    with fs.open_input_stream(fs_path) as stream:
-        yield from _parse(stream.read(), _kind(path, fmt))
+    """A local file's or a URI's rows (s3://, gs://, file://: `diffembed.files.open_input` resolves them)."""
+    try:
+        with open_input(path) as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    yield from _parse(data, _kind(path, fmt))
 
 
 def _pair(row: Any, hard_negatives: int) -> Pair:
@@ -127,7 +130,7 @@ def read_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -
     import ray.data
 
     def check(record: dict[str, Any]) -> list[dict[str, Any]]:
-        path = record["path"]
+        path = _given(record["path"], files)  # Ray Data drops a URI's scheme: report the name the user gave
         rows = _check(path, _parse(record["bytes"], _kind(path, fmt)), hard_negatives)
         return [{"where": w, "pair": json.dumps(asdict(i)) if isinstance(i, Pair) else None,
                  "reason": None if isinstance(i, Pair) else i} for w, i in rows]
@@ -141,10 +144,20 @@ def read_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -
     return pairs, bad
 
 
+def _given(path: str, files: list[str]) -> str:
+    """The input as given (`s3://bucket/key`) for a path as Ray Data reports it (`bucket/key`)."""
+    if path in files:
+        return path
+    path = path.lstrip("/")
+    bare = {f: f.split("?", 1)[0].split("://")[-1].lstrip("/") for f in files}
+    hits = [f for f, b in bare.items() if path == b or path.endswith("/" + b)]
+    return max(hits, key=lambda f: len(bare[f])) if hits else path
+
+
 def _order(where: str, files: list[str]) -> tuple[int, int]:
     """Input order (file, row), whatever order Ray Data returned the rows in."""
     path, _, number = where.rpartition(":")
-    index = next((i for i, f in enumerate(files) if path.endswith(f.split("://")[-1].lstrip("/"))), len(files))
+    index = files.index(path) if path in files else len(files)
     return index, int(number)
 
 
