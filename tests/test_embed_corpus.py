@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -182,7 +184,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     cases = [
         ([f"input.paths=[{tmp_path / 'missing.jsonl'}]"], "missing.jsonl"),
         ([f"input.paths=[{write_lines(tmp_path / 'cols.jsonl', [good])}]", "input.text_column=body"], "body"),
-        ([f"input.paths=[{write_lines(tmp_path / 'bad.jsonl', ['{oops'])}]"], "bad.jsonl:1"),
+        ([f"input.paths=[{write_lines(tmp_path / 'bad.jsonl', ['{oops'])}]", "input.bad_rows=fail"], "bad.jsonl:1"),
     ]
     for overrides, needle in cases:
         proc = run_job(*overrides, f"store.path={tmp_path / 'q'}")
@@ -191,12 +193,116 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert not (tmp_path / "q" / "collection").exists()  # nothing was written
 
 
-def test_malformed_line_mid_file_is_reported_with_its_line(ray_cluster, tmp_path):
-    good = json.dumps({"id": "a", "text": "hello there", "title": "t"})
-    path = write_lines(tmp_path / "mid.jsonl", [good, good.replace('"a"', '"b"'), "{broken", good])
-    cfg = config(tmp_path, path, tmp_path / "q")
-    with pytest.raises(Exception, match=r"mid.jsonl:3"):
-        embed_corpus(cfg)
+JOB_MAIN = runpy.run_path(str(ROOT / "jobs" / "embed_corpus.py"))["main"]
+SMALL = ["embedder.max_length=64", "embedder.documents.overlap=8", "encode.batch_size=8", "summary_path=null",
+         "progress_every_s=0", "store.upsert_batch_size=16"]
+
+
+def job(capsys, *overrides: str) -> tuple[int, dict | None, list[str], list[str]]:
+    """jobs/embed_corpus.py's main() in this process: (exit code, summary, progress lines, stderr lines: all of
+    them on failure, the `warning:` ones on success)."""
+    code = JOB_MAIN(["--config", str(ROOT / "jobs/configs/embed_cpu.yaml"), *SMALL, *overrides])
+    out, err = capsys.readouterr()
+    progress = [line for line in out.splitlines() if line.startswith("progress:")]
+    body = "\n".join(line for line in out.splitlines() if not line.startswith("progress:"))
+    if code == 0:  # Ray Data logs its own progress to stderr: keep the job's warning lines
+        return code, json.loads(body), progress, [line for line in err.splitlines() if line.startswith("warning:")]
+    return code, None, progress, err.strip().splitlines()
+
+
+def row(doc_id, text, **extra) -> str:
+    return json.dumps({"id": doc_id, "text": text, "title": f"T {doc_id}", **extra})
+
+
+LONG = " ".join(f"The harbour bridge was painted on day {j} of the long summer." for j in range(30))
+
+
+@pytest.mark.parametrize("name, lines, needle", [
+    ("mid", [row("a", "hello there"), row("b", "fine"), "{broken", row("c", "more")], r"mid.jsonl:3: malformed JSON"),
+    ("nontext", [row("a", "hello"), json.dumps({"id": "b", "text": 7, "title": "t"})], r"nontext.jsonl:2: non-text"),
+    ("empty", [row("a", "hello"), row("b", "  ")], r"empty.jsonl:2: empty text"),
+    ("notobject", [row("a", "hello"), "[1, 2]"], r"notobject.jsonl:2: not a JSON object"),
+])
+def test_bad_rows_fail_stops_before_writing_with_file_and_line(ray_cluster, capsys, tmp_path, name, lines, needle):
+    path = write_lines(tmp_path / f"{name}.jsonl", lines)
+    code, _, _, err = job(capsys, f"input.paths=[{path}]", f"store.path={tmp_path / 'q'}", "input.bad_rows=fail")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(needle, err[0]), err
+    assert not (tmp_path / "q").exists()  # stopped before the collection was even created
+
+
+def test_bad_rows_skip_counts_and_names_them(ray_cluster, capsys, tmp_path):
+    path = write_lines(tmp_path / "mixed.jsonl", [
+        row("a", "hello there"), "{broken", json.dumps({"id": "n", "text": None}), row("e", ""), row("b", "fine")])
+    code, summary, _, err = job(capsys, f"input.paths=[{path}]", f"store.path={tmp_path / 'q'}")
+    assert code == 0 and summary["documents_embedded"] == 2 and summary["skipped_rows"] == 3
+    assert [e.split(": ")[0] for e in summary["skipped_examples"]] == [f"{path}:{n}" for n in (2, 3, 4)]
+    assert err == [f"warning: 3 bad rows skipped (first: {path}:2: malformed JSON line (Expecting property name "
+                   f"enclosed in double quotes); {path}:3: non-text 'text' (NoneType); {path}:4: empty text)"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["input.paths=[{tmp}/missing.jsonl]"], "missing.jsonl"),
+    (["input.paths=[{tmp}/ok.jsonl]", "input.text_column=body"], "unknown column(s) ['body']"),
+    (["input.paths=[{tmp}/ok.jsonl]", "input.bad_rows=maybe"], "bad_rows"),
+])
+def test_config_and_input_errors_are_one_line(capsys, tmp_path, overrides, needle):
+    write_lines(tmp_path / "ok.jsonl", [row("a", "hello")])
+    code, _, _, err = job(capsys, *[o.format(tmp=tmp_path) for o in overrides], f"store.path={tmp_path / 'q'}")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_duplicate_ids_last_occurrence_wins_whatever_the_blocks(ray_cluster, capsys, tmp_path):
+    """Duplicates across blocks and files: reported once, counted, the LAST occurrence stored (with its own
+    chunk count), the same on every run, and the progress lines carry the share of the input and an ETA."""
+    first = [row(f"d{i}", f"Document {i} talks about the meadow and the river.") for i in range(40)]
+    first[3] = row("d3", LONG)  # long first version: several chunks
+    a = write_lines(tmp_path / "a.jsonl", first + [row("d7", "Second version of seven, still in file a.")])
+    b = write_lines(tmp_path / "b.jsonl", [row("d3", "The short final version of three."),
+                                           row("d7", "Final version of seven, in file b.")])
+    stores = []
+    for run in range(2):
+        store = tmp_path / f"q{run}"
+        code, summary, progress, err = job(capsys, f"input.paths=[{a},{b}]", f"store.path={store}",
+                                           "input.block_bytes=1024", f"encode.batch_size={4 + 3 * run}")
+        assert code == 0, err
+        assert summary["duplicates"] == 3 and summary["duplicate_ids"] == 2 and summary["documents_embedded"] == 40
+        assert err == [f"warning: 2 duplicate document ids (first: 'd3' at {a}:4 and {b}:1, 'd7' at {a}:8 and "
+                       f"{a}:41 and {b}:2); the last occurrence of each is embedded, 3 earlier rows skipped"]
+        assert progress and all("ETA" in line for line in progress) and "100% of input" in progress[-1]
+        stores.append(all_points(store))
+    assert stores[0].keys() == stores[1].keys()
+    assert [p["payload"] for p in stores[0].values()] == [stores[1][k]["payload"] for k in stores[0]]
+    by_doc = {}
+    for p in stores[0].values():
+        by_doc.setdefault(p["payload"]["doc_id"], []).append(p["payload"])
+    assert len(by_doc["d3"]) == 1 and by_doc["d3"][0]["text"] == "The short final version of three."
+    assert [p["text"] for p in by_doc["d7"]] == ["Final version of seven, in file b."]
+
+
+def test_a_shorter_document_leaves_no_orphan_chunks(ray_cluster, capsys, tmp_path):
+    store = tmp_path / "q"
+    long = write_lines(tmp_path / "v1.jsonl", [row("x", LONG), row("y", "Unchanged short one.")])
+    code, summary, _, _ = job(capsys, f"input.paths=[{long}]", f"store.path={store}")
+    assert code == 0 and summary["chunks_written"] > 3
+    short = write_lines(tmp_path / "v2.jsonl", [row("x", "Now only a sentence."), row("y", "Unchanged short one.")])
+    code, summary, _, _ = job(capsys, f"input.paths=[{short}]", f"store.path={store}", "skip_existing=false")
+    assert code == 0
+    points = [p["payload"] for p in all_points(store).values()]
+    assert sorted((p["doc_id"], p["chunk_index"], p["n_chunks"]) for p in points) == [("x", 0, 1), ("y", 0, 1)]
+
+
+def test_changed_document_policy_or_max_length_is_never_silently_skipped(ray_cluster, capsys, tmp_path):
+    path = write_lines(tmp_path / "c.jsonl", [row("x", LONG)])
+    store = tmp_path / "q"
+    assert job(capsys, f"input.paths=[{path}]", f"store.path={store}")[0] == 0
+    for change, needle in (("embedder.max_length=32", "max_length (stored 64, now 32)"),
+                           ("embedder.documents.windows=first", "documents.windows (stored 'best', now 'first')")):
+        code, _, _, err = job(capsys, f"input.paths=[{path}]", f"store.path={store}", change)
+        assert code == 2 and len(err) == 1 and needle in err[0], err
+    code, summary, _, _ = job(capsys, f"input.paths=[{path}]", f"store.path={store}", "embedder.max_length=32",
+                              "recreate=true")
+    assert code == 0 and summary["documents_embedded"] == 1 and summary["documents_already_present"] == 0
 
 
 def test_dimension_mismatch_is_caught_before_writing(ray_cluster, corpus, tmp_path):

@@ -17,6 +17,11 @@ class InputConfig(ConfigModel):
     text_column: str = "text"
     title_column: str | None = None
     metadata_columns: list[str] = Field(default_factory=list)
+    bad_rows: Literal["skip", "fail"] = Field(
+        "skip", description="A row that cannot be embedded (malformed JSON, non-text or empty text): `skip` counts "
+        "it and names the first ones (file:line) in a warning and the summary; `fail` stops with `file:line: reason` "
+        "before anything is written.",
+    )
     block_bytes: int = Field(
         8 << 20, ge=1024, description="JSONL files are read as byte ranges of this size (bounded blocks whatever "
         "the file size; the first points are written while the rest is still read).",
@@ -43,6 +48,15 @@ class EncodeConfig(ConfigModel):
         description="Extra Ray resources per actor, e.g. {inference_node: 1} for cluster.yaml's inference pool.",
     )
     batch_size: int = Field(32, ge=1, description="Documents per actor call (the Embedder then batches by tokens).")
+    max_restarts: int = Field(
+        0, ge=-1, description="Restarts of an encoder actor that died (a lost node, out of memory). 0: the job "
+        "stops and a rerun resumes where it stopped. Raise it on preemptible nodes (-1: unlimited); Ray then logs "
+        "that the actor's constructor arguments live in the object store (harmless: the pipeline holds them).",
+    )
+    simulated_batch_s: float = Field(
+        0, ge=0, description="Benchmarks only: every actor call also waits this long, a fixed per-batch cost "
+        "like a GPU's, so actor scaling can be measured on a machine with fewer cores than actors.",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads per actor on CPU. Default: the node's cores / actors."
     )

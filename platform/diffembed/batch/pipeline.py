@@ -10,6 +10,11 @@ which orchestrates and reports progress. With the embedded Edge store (one proce
 actor holds the store and serves the resume check and the writes; with a Qdrant server every writer actor
 talks to the server itself (`store.writers` of them). The collection carries the embedding fingerprint: a
 rerun with another embedding function stops before writing (or, with `recreate`, starts the collection over).
+
+Before the pipeline, a pre-pass over the ids (`diffembed.batch.scan`) finds duplicate ids (the last occurrence
+in input order wins; the earlier ones are skipped and counted) and bad rows (`input.bad_rows`: skip and report,
+or fail before anything is written). When the collection already held points, the writer also deletes a
+rewritten document's points beyond its new chunk count, so a document that got shorter leaves no orphans.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +55,9 @@ class StoreOwner:
     def complete_and_clear(self, doc_ids: list[str]) -> list[str]:
         return sorted(resume_check(self.store, doc_ids))
 
-    def upsert(self, records: list) -> int:
+    def upsert(self, records: list, stale: dict[str, int] | None = None) -> int:
+        if stale:
+            self.store.delete_stale_chunks(stale)
         self.store.upsert(records)
         return len(records)
 
@@ -85,15 +94,19 @@ class _StoreClient:
             return set(ray.get(self.owner.complete_and_clear.remote(doc_ids)))
         return resume_check(self.store, doc_ids)
 
-    def upsert(self, records: list) -> None:
+    def upsert(self, records: list, stale: dict[str, int] | None = None) -> None:
+        """Write the points; first delete the chunks >= n of each document `stale` maps to its chunk count n."""
         if self.owner is not None:
             import ray
 
-            ray.get(self.owner.upsert.remote(records))
+            ray.get(self.owner.upsert.remote(records, stale))
         else:
+            if stale:
+                self.store.delete_stale_chunks(stale)
             self.store.upsert(records)
 
 
+STREAM_BLOCK_BYTES = 1 << 20  # Ray Data's block size inside the job (see embed_corpus)
 ALREADY = "__already_present__"  # the skip reason of a document the collection holds completely
 
 
@@ -123,7 +136,7 @@ class EncodeActor:
     Rows that cannot be embedded come out as one marker row (`chunk_index` -1, `skip` set) so they are counted.
     """
 
-    def __init__(self, embedder: dict[str, Any], threads: int):
+    def __init__(self, embedder: dict[str, Any], threads: int, simulated_batch_s: float = 0.0):
         import torch
 
         from diffembed.models.embedder import Embedder
@@ -132,8 +145,11 @@ class EncodeActor:
         # rest of the pipeline (reading, writing) needs next to none. Give torch the cores we were told to.
         torch.set_num_threads(threads)
         self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
+        self.simulated_batch_s = simulated_batch_s  # bench/embed_corpus_scaling.py's stand-in for a GPU's time
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.simulated_batch_s:
+            time.sleep(self.simulated_batch_s)
         skip = np.array([bool(s) for s in batch["skip"]], dtype=bool)
         todo = ~skip
         texts = [str(t) for t in batch["text"][todo]]
@@ -150,6 +166,7 @@ class EncodeActor:
 
         return {
             "doc_id": batch["doc_id"][take],
+            "weight": np.where(ints(chunks.chunk_index) <= 0, batch["weight"][take], 0),  # once per document
             "title": batch["title"][take],
             "meta": batch["meta"][take],
             "skip": batch["skip"][take],
@@ -169,18 +186,22 @@ class EncodeActor:
 class WriteActor:
     """Builds the points of a batch and upserts them; returns one summary row (what the driver sees)."""
 
-    def __init__(self, store: dict[str, Any], owner=None):
+    def __init__(self, store: dict[str, Any], owner=None, clean_stale: bool = False):
         self.client = _StoreClient(store, owner)
+        self.clean_stale = clean_stale  # the collection held points before this run: old chunks may be left
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from diffembed.batch.reading import DUPLICATE
         from diffembed.index.store import ChunkRecord
 
-        records, skipped, examples, tokens, docs, already = [], Counter(), [], 0, 0, 0
+        records, skipped, examples, tokens, docs, already, duplicates = [], Counter(), [], 0, 0, 0, 0
         for i in range(len(batch["doc_id"])):
             if batch["chunk_index"][i] < 0:
                 reason = str(batch["skip"][i])
                 if reason == ALREADY:
                     already += 1
+                elif reason == DUPLICATE:
+                    duplicates += 1
                 else:
                     skipped[reason] += 1
                     examples.append(f"{batch['where'][i]}\t{reason}")
@@ -200,9 +221,12 @@ class WriteActor:
             docs += int(batch["chunk_index"][i] == 0)  # a document's points may span batches: count it once
             tokens += int(batch["token_end"][i] - batch["token_start"][i])
         if records:
-            self.client.upsert(records)
+            stale = {r.doc_id: r.n_chunks for r in records} if self.clean_stale else None
+            self.client.upsert(records, stale)
         return {
             "documents": np.array([docs], dtype=np.int64),
+            "duplicates": np.array([duplicates], dtype=np.int64),
+            "weight": np.array([int(batch["weight"].sum())], dtype=np.int64),
             "chunks": np.array([len(records)], dtype=np.int64),
             "tokens": np.array([tokens], dtype=np.int64),
             "already": np.array([already], dtype=np.int64),
@@ -224,23 +248,67 @@ def model_dimension(cfg: EmbedderConfig) -> int:
 
 
 class Progress:
-    """One line per corpus every few seconds: documents, points, tokens/s, elapsed."""
+    """One line every few seconds: documents, points, tokens/s, the share of the input done and an ETA (the
+    input's size is known up front: JSONL bytes, Parquet rows, text files)."""
 
-    def __init__(self, enabled: bool, every_s: float = 5.0):
-        self.enabled, self.every_s = enabled, every_s
+    def __init__(self, enabled: bool, every_s: float = 5.0, total: int = 0):
+        self.enabled, self.every_s, self.total = enabled, every_s, total
         self.started = self.last = time.perf_counter()
         self.shown = False
+        self.state: tuple = ()  # the counts last printed: the final line is not a repeat of the last one
 
-    def update(self, docs: int, chunks: int, tokens: int, already: int, force: bool = False) -> None:
+    def update(self, docs: int, chunks: int, tokens: int, already: int, force: bool = False, *,
+               duplicates: int = 0, skipped: int = 0, done: int = 0) -> None:
         """Printed at the first written points, then every `every_s` seconds, and at the end (`force`)."""
         now = time.perf_counter()
-        if not self.enabled or (not force and self.shown and now - self.last < self.every_s):
+        state = (docs, chunks, already, duplicates, skipped, done)
+        if not self.enabled or (not force and self.shown and now - self.last < self.every_s) or state == self.state:
             return
-        self.shown = True
+        self.shown, self.state = True, state
         self.last = now
         wall = max(now - self.started, 1e-9)
+        share = min(done / self.total, 1.0) if self.total else 0.0
+        eta = f"ETA {wall * (1 - share) / share:.0f} s" if share > 0 else "ETA ?"
         print(f"progress: {docs} documents embedded ({chunks} points), {already} already present, "
-              f"{tokens / wall:.0f} tokens/s, {wall:.0f} s", flush=True)
+              f"{duplicates} duplicates, {skipped} skipped, {tokens / wall:.0f} tokens/s, "
+              f"{100 * share:.0f}% of input, {wall:.0f} s, {eta}", flush=True)
+
+
+@contextmanager
+def actor_restarts_option():
+    """Lets the stages pass `max_restarts` to Ray Data's actor pools without a deprecation warning.
+
+    Ray Data's default (-1: restart forever) makes Ray's core worker log an error line at every pool start
+    (the pool's constructor arguments live in the object store). Ray 2.60 has no named parameter for it yet:
+    its own docs say to pass it as an extra `map_batches` kwarg, which is what is deprecated (for 2.64)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_scan(cfg: EmbedCorpusConfig, scan) -> None:
+    """Bad rows: fail (one `error: file:line: reason` line) or warn; duplicates: warn, naming the first few."""
+    from diffembed.batch.reading import CorpusError, expand_inputs, position
+
+    if not scan.bad_rows and not scan.duplicate_ids:
+        return
+    fmt, files = expand_inputs(cfg.input)  # the file list positions index into
+    if scan.bad_rows:
+        first = "; ".join(f"{position(fmt, files, o)}: {r}" for o, r in scan.bad_examples[:3])
+        if cfg.input.bad_rows == "fail":
+            order, reason = scan.bad_examples[0]
+            more = f" (and {scan.bad_rows - 1} more bad rows)" if scan.bad_rows > 1 else ""
+            raise CorpusError(f"{position(fmt, files, order)}: {reason}{more}; input.bad_rows=skip skips them")
+        warn(f"{scan.bad_rows} bad rows skipped (first: {first})")
+    if scan.duplicate_ids:
+        first = ", ".join(f"{d!r} at " + " and ".join(position(fmt, files, o) for o in orders[:3])
+                          for d, orders in scan.duplicate_examples[:3])
+        warn(f"{scan.duplicate_ids} duplicate document ids (first: {first}); the last occurrence of each is "
+             f"embedded, {scan.duplicate_rows} earlier rows skipped")
 
 
 def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any]:
@@ -248,22 +316,26 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
     import ray
     import ray.data
 
-    from diffembed.batch.reading import read_corpus, where_to_line
+    from diffembed.batch.reading import plan_units, read_corpus, where_to_line
+    from diffembed.batch.scan import assign_drops, scan_corpus
     from diffembed.index.fingerprint import embedding_fingerprint
     from diffembed.index.store import open_store
 
     started = time.perf_counter()
     dim = model_dimension(cfg.embedder)
-    ds = read_corpus(cfg.input)  # validates inputs and columns before anything is written
+    units = plan_units(cfg.input)  # validates inputs and columns before anything is written
     fingerprint = embedding_fingerprint(cfg.embedder, dim, cfg.store.distance, cfg.store.sparse)
+    if not ray.is_initialized():
+        ray.init()
+    scan = scan_corpus(units, cfg.input)  # duplicate ids and bad rows, before anything is written
+    check_scan(cfg, scan)
+    ds = read_corpus(cfg.input, assign_drops(units, scan.drop))
     with open_store(cfg.store) as store:  # checked (and created) here, then released for the actors
         if cfg.recreate:
             store.drop()  # an explicit re-embed: the old vectors came from another embedding function
         # a size, distance or embedding-function mismatch fails here, before any write
         store.ensure_collection(dim, fingerprint)
         empty = store.count() == 0
-    if not ray.is_initialized():
-        ray.init()
 
     store_args = cfg.store.model_dump(mode="json")
     owner = None
@@ -275,32 +347,42 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
     try:
         if bulk is not None:
             bulk.__enter__()
-        if cfg.skip_existing and not empty:  # a rerun: per batch, drop what is complete, clear what is partial
-            ds = ds.map_batches(ResumeFilter, fn_constructor_kwargs={"store": store_args, "owner": owner},
-                                compute=ray.data.ActorPoolStrategy(size=writers), batch_size=1024,
-                                batch_format="numpy", num_cpus=0)
-        encoded = ds.map_batches(
-            EncodeActor,
-            fn_constructor_kwargs={
-                "embedder": cfg.embedder.model_dump(mode="json"),
-                "threads": cfg.encode.torch_threads or max(1, (os.cpu_count() or 1) // cfg.encode.actors),
-            },
-            compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors),
-            batch_size=cfg.encode.batch_size,
-            **cfg.encode.ray_remote_args(),  # num_cpus, num_gpus, custom resources
-            batch_format="numpy",
-        )
-        written = encoded.map_batches(
-            WriteActor, fn_constructor_kwargs={"store": store_args, "owner": owner},
-            compute=ray.data.ActorPoolStrategy(size=writers), batch_size=cfg.store.upsert_batch_size,
-            batch_format="numpy", num_cpus=0,  # light: never take a CPU the readers and encoders need
-        )
-        docs = chunks = tokens = already = 0
+        with actor_restarts_option():  # max_restarts for every actor stage (see there)
+            if cfg.skip_existing and not empty:  # a rerun: per batch, drop what is complete, clear what is partial
+                ds = ds.map_batches(ResumeFilter, fn_constructor_kwargs={"store": store_args, "owner": owner},
+                                    compute=ray.data.ActorPoolStrategy(size=writers), batch_size=1024,
+                                    batch_format="numpy", num_cpus=0, max_restarts=0)
+            encoded = ds.map_batches(
+                EncodeActor,
+                fn_constructor_kwargs={
+                    "embedder": cfg.embedder.model_dump(mode="json"),
+                    "threads": cfg.encode.torch_threads or max(1, (os.cpu_count() or 1) // cfg.encode.actors),
+                    "simulated_batch_s": cfg.encode.simulated_batch_s,
+                },
+                compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors),
+                batch_size=cfg.encode.batch_size,
+                **cfg.encode.ray_remote_args(),  # num_cpus, num_gpus, custom resources
+                max_restarts=cfg.encode.max_restarts,
+                batch_format="numpy",
+            )
+            written = encoded.map_batches(
+                WriteActor, fn_constructor_kwargs={"store": store_args, "owner": owner, "clean_stale": not empty},
+                compute=ray.data.ActorPoolStrategy(size=writers), batch_size=cfg.store.upsert_batch_size,
+                batch_format="numpy", num_cpus=0,  # light: never take a CPU the readers and encoders need
+                max_restarts=0,  # a writer is cheap to lose: the job stops, a rerun resumes
+            )
+        # Ray Data buffers a task's output up to its target block size (128 MiB) before passing it on: a whole
+        # read range would be encoded before the writer saw any of it (no streaming, no progress, no overlap of
+        # encoding with writing). Blocks of ~1 MiB keep every stage busy at once.
+        written.context.target_max_block_size = STREAM_BLOCK_BYTES
+        docs = chunks = tokens = already = duplicates = done = 0
         skipped: Counter[str] = Counter()
         examples: list[str] = []
-        meter = Progress(progress, cfg.progress_every_s)
+        meter = Progress(progress, cfg.progress_every_s, total=sum(u["weight"] for u in units))
         for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
             docs += int(batch["documents"].sum())
+            duplicates += int(batch["duplicates"].sum())
+            done += int(batch["weight"].sum())
             chunks += int(batch["chunks"].sum())
             tokens += int(batch["tokens"].sum())
             already += int(batch["already"].sum())
@@ -308,8 +390,10 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
                 skipped.update(json.loads(counts))
                 examples.extend(json.loads(found)[: 10 - len(examples)])
             if chunks:
-                meter.update(docs, chunks, tokens, already)
-        meter.update(docs, chunks, tokens, already, force=True)
+                meter.update(docs, chunks, tokens, already, duplicates=duplicates, skipped=sum(skipped.values()),
+                             done=done)
+        meter.update(docs, chunks, tokens, already, force=True, duplicates=duplicates,
+                     skipped=sum(skipped.values()), done=done)
     finally:
         if bulk is not None:
             bulk.__exit__(*sys.exc_info())
@@ -323,6 +407,8 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
         "collection": cfg.store.collection,
         "documents_embedded": docs,
         "documents_already_present": already,
+        "duplicates": duplicates,  # rows not embedded because a later row has the same id
+        "duplicate_ids": scan.duplicate_ids,
         "chunks_written": chunks,
         "tokens": tokens,
         "skipped_rows": sum(skipped.values()),

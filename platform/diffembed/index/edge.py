@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -272,6 +272,18 @@ class EdgeStore:
         for start in range(0, len(ids), ID_BATCH):
             shard.update(e.UpdateOperation.delete_points_by_filter(self._doc_filter(ids[start : start + ID_BATCH])))
 
+    def delete_stale_chunks(self, n_chunks: Mapping[str, int]) -> None:
+        """Delete the points of chunk_index >= n of each document `{doc_id: n}` (left by a longer earlier
+        version of it); documents with the same n share one filter."""
+        import qdrant_edge as e
+
+        shard = self._shard_handle()
+        for n, ids in _by_count(n_chunks).items():
+            for start in range(0, len(ids), ID_BATCH):
+                flt = e.Filter(must=[e.FieldCondition(key="doc_id", match=e.MatchAny(ids[start : start + ID_BATCH])),
+                                     e.FieldCondition(key="chunk_index", range=e.RangeFloat(gte=float(n)))])
+                shard.update(e.UpdateOperation.delete_points_by_filter(flt))
+
     def complete_docs(self, doc_ids: Sequence[str]) -> set[str]:
         import qdrant_edge as e
 
@@ -372,3 +384,11 @@ class EdgeStore:
                 yield out
             if offset is None:
                 return
+
+
+def _by_count(n_chunks: Mapping[str, int]) -> dict[int, list[str]]:
+    """{doc_id: n} -> {n: [doc_id, ...]}: one delete filter per distinct chunk count."""
+    groups: dict[int, list[str]] = {}
+    for doc, n in n_chunks.items():
+        groups.setdefault(int(n), []).append(str(doc))
+    return groups

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -264,6 +264,21 @@ class ServerStore:
                 points_selector=models.FilterSelector(filter=self._doc_filter(ids[start : start + ID_BATCH])),
                 wait=True,
             )
+
+    def delete_stale_chunks(self, n_chunks: Mapping[str, int]) -> None:
+        """Delete the points of chunk_index >= n of each document `{doc_id: n}` (left by a longer earlier
+        version of it); documents with the same n share one filter."""
+        groups: dict[int, list[str]] = {}
+        for doc, n in n_chunks.items():
+            groups.setdefault(int(n), []).append(str(doc))
+        for n, ids in groups.items():
+            for start in range(0, len(ids), ID_BATCH):
+                flt = models.Filter(must=[
+                    models.FieldCondition(key="doc_id", match=models.MatchAny(any=ids[start : start + ID_BATCH])),
+                    models.FieldCondition(key="chunk_index", range=models.Range(gte=n)),
+                ])
+                self._call(self.client.delete, collection_name=self.cfg.collection,
+                           points_selector=models.FilterSelector(filter=flt), wait=True)
 
     @contextmanager
     def bulk_load(self) -> Iterator[None]:

@@ -17,7 +17,7 @@ so the same collection ranks the same on either backend.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -170,6 +170,9 @@ class VectorStore(Protocol):
         """Write (or overwrite) these points; acknowledged (durable) when it returns."""
 
     def delete_docs(self, doc_ids: Sequence[str]) -> None: ...
+
+    def delete_stale_chunks(self, n_chunks: Mapping[str, int]) -> None:
+        """Delete each document's points of chunk_index >= n (`{doc_id: n}`): what a longer earlier version left."""
 
     def complete_docs(self, doc_ids: Sequence[str]) -> set[str]:
         """The documents among `doc_ids` whose every point (0..n_chunks-1 of one chunking) is stored."""
