@@ -110,3 +110,41 @@ def test_out_of_memory_batch_is_split_not_failed(wide_checkpoint):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert cosine(vectors, expected).min() > 0.9999
+
+
+def test_one_lora_step_and_export_on_cuda(model_path, tmp_path):
+    """A LoRA training step on the GPU through the training core (no Ray: the worker's own pieces), its checkpoint,
+    and the export: the exported model embeds as the trained one does."""
+    from diffembed.train.backends import TorchBackend
+    from diffembed.train.config import TrainConfig
+    from diffembed.train.export import write_export
+    from diffembed.train.losses import info_nce
+    from diffembed.train.worker import build_trainable, train_step
+
+    cfg = TrainConfig.from_dict({
+        "embedder": {"model": model_path("dream"), "device": "cuda"},
+        "data": {"train_files": ["unused.jsonl"]},
+        "run": {"use_gpu": True, "num_workers": 1},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "optim": {"lr": 1e-2, "max_steps": 1, "warmup_steps": 0},
+        "deepspeed": {"enabled": False},
+    })
+    emb = Embedder(cfg.embedder)
+    before = emb.encode_documents(TEXTS)
+    engine = TorchBackend(cfg, build_trainable(emb, cfg), emb.device, world=1)
+    emb.model = engine.model
+    queries = emb.query_segments(["what reads both ways", "tiny query"])
+    docs = emb.document_segments(TEXTS[:2], windows="first")
+    loss = train_step(emb, engine, queries, docs, [], lambda q, p, n: info_nce(q, p, n), chunk=None)
+    assert torch.isfinite(loss)
+    engine.eval()
+    trained = emb.encode_documents(TEXTS)
+    assert cosine(trained, before).min() < 0.99999  # the step changed the model
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    engine.save(str(ckpt), {"step": 1}, rank=0)
+    out = tmp_path / "export"
+    out.mkdir()
+    write_export(cfg, str(ckpt), out, [])
+    exported = Embedder(EmbedderConfig(model=str(out), device="cuda")).encode_documents(TEXTS)
+    assert cosine(exported, trained).min() > 0.9999

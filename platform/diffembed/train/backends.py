@@ -14,6 +14,17 @@ from diffembed.train import checkpoints
 from diffembed.train.config import TrainConfig
 
 
+def use_training_attention(device) -> None:
+    """SDPA kernels for training on CUDA: cuDNN attention switched off for this process. Its backward builds an
+    execution plan per new shape on the host (~250 ms each, measured on an H100 with torch 2.11) and training
+    batches change shape every step; the memory-efficient and flash kernels need none. Process-wide on purpose: the
+    gradient-checkpointing recompute runs in the backward, and must pick the same kernel as the forward did."""
+    if device.type == "cuda":
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def make_scheduler(cfg: TrainConfig, optimizer):
     """The LR schedule both backends step once per optimizer step: warmup, then linear / cosine / constant."""
     from transformers import get_scheduler

@@ -4,7 +4,9 @@
   ranks (a bigger candidate pool is the main lever on embedding quality).
 * `gather_with_grad`: the differentiable all-gather that makes the cross-rank candidates trainable.
 * `grad_cache_step`: GradCache (Gao et al., 2021) — the same loss and gradients as one big batch, with
-  activation memory bounded by one chunk, so the global batch is not limited by device memory.
+  activation memory bounded by one chunk, so the global batch is not limited by device memory. Chunks may
+  hold any rows (e.g. length-sorted ones, see `diffembed.train.microbatch`): `in_input_order` puts their
+  embeddings back in input order before the loss.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["gather_with_grad", "grad_cache_step", "info_nce", "split_batch"]
+__all__ = ["gather_with_grad", "grad_cache_step", "in_input_order", "info_nce", "split_batch"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 BackwardFn = Callable[[torch.Tensor, torch.Tensor], None]
@@ -138,6 +140,30 @@ def split_batch(batch: Any, chunk_size: int) -> list[Any]:
     raise TypeError(f"split_batch takes a tensor or a dict of tensors; got {type(batch).__name__}")
 
 
+def in_input_order(
+    parts: Sequence[torch.Tensor], chunk_rows: Sequence[Sequence[int]], rows: int | None = None
+) -> torch.Tensor:
+    """Concatenate per-chunk embeddings and put every row back at its input position; differentiable.
+
+    `parts[c]` (b_c, D) holds the embeddings of input rows `chunk_rows[c]`, in that order. The chunks must
+    cover input rows 0..rows-1 exactly once (`rows` defaults to their total): a pairing of queries with the
+    wrong positives would train on wrong labels without any error, so a bad cover raises ValueError.
+    The backward of the permutation routes each row's gradient back to the chunk that embedded it.
+    """
+    order = [int(i) for c in chunk_rows for i in c]
+    rows = len(order) if rows is None else rows
+    if sorted(order) != list(range(rows)):
+        raise ValueError(f"chunk rows must cover input rows 0..{rows - 1} exactly once; got {len(order)} indices "
+                         f"({len(set(order))} distinct, range {min(order, default=None)}..{max(order, default=None)})")
+    sizes = [int(p.shape[0]) for p in parts]
+    if sizes != [len(c) for c in chunk_rows]:
+        raise ValueError(f"chunk embeddings have {sizes} rows but the chunks hold {[len(c) for c in chunk_rows]}")
+    stacked = torch.cat(list(parts), dim=0)  # (B, D); row k is input row order[k]
+    inverse = torch.empty(rows, dtype=torch.long)  # (B,) inverse[i] = k such that order[k] == i
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(rows)
+    return stacked[inverse.to(stacked.device)]  # (B, D); row i is input row i
+
+
 class _RngState:
     """CPU (and current CUDA device) RNG state, so a chunk's second forward redraws the same dropout masks."""
 
@@ -166,6 +192,7 @@ def grad_cache_step(
     negative_batches: Sequence[Any] | None = None,
     loss_fn: LossFn = info_nce,
     backward_fn: BackwardFn = _default_backward,
+    chunk_rows: Sequence[Sequence[Sequence[int]] | None] | None = None,
 ) -> torch.Tensor:
     """One GradCache step: accumulate into parameter `.grad` exactly what `loss_fn` on the full batch would.
 
@@ -189,11 +216,21 @@ def grad_cache_step(
     all but the last chunk's backward in `no_sync()`; with DeepSpeed, mind that `engine.backward` divides
     by gradient_accumulation_steps unless configured otherwise.
 
+    `chunk_rows` (optional, one entry per group: queries, positives[, negatives]) gives the input rows
+    each chunk holds, e.g. from `microbatch.plan_chunks` over length-sorted rows; a group's embeddings are
+    then put back in input order (`in_input_order`) before `loss_fn` sees them, so q/p/n stay row-aligned.
+    Without it (or with a `None` entry) chunks are taken to be consecutive rows in input order.
+
     Returns the loss, detached. The RNG ends where one pass of chunked forwards would have left it.
     """
     groups = [list(query_batches), list(positive_batches), list(negative_batches or [])]
     if not groups[0] or not groups[1]:
         raise ValueError("grad_cache_step needs at least one query and one positive chunk")
+    rows = list(chunk_rows or [])[:3]
+    rows += [None] * (3 - len(rows))
+    for g, (chunks, given) in enumerate(zip(groups, rows)):
+        if given is not None and len(given) != len(chunks):
+            raise ValueError(f"chunk_rows[{g}] lists {len(given)} chunks for {len(chunks)} batches")
 
     # Pass 1: embeddings without activations; remember each chunk's RNG state.
     states: list[list[_RngState]] = [[], [], []]
@@ -206,9 +243,14 @@ def grad_cache_step(
                 leaves[g].append(emb.detach().requires_grad_(True))  # (b, D) leaf
     rng_after = _RngState()
 
-    q = torch.cat(leaves[0], dim=0)  # (B, D)
-    p = torch.cat(leaves[1], dim=0)  # (B, D)
-    n = torch.cat(leaves[2], dim=0) if leaves[2] else None  # (N, D)
+    def joined(g: int) -> torch.Tensor:
+        if rows[g] is None:
+            return torch.cat(leaves[g], dim=0)  # (b_0 + b_1 + ..., D), chunks hold consecutive rows
+        return in_input_order(leaves[g], rows[g])  # (B, D), back in input order
+
+    q = joined(0)  # (B, D)
+    p = joined(1)  # (B, D)
+    n = joined(2) if leaves[2] else None  # (N, D)
     loss = loss_fn(q, p, n)
     flat_leaves = [leaf for group in leaves for leaf in group]
     grads = torch.autograd.grad(loss, flat_leaves, allow_unused=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffembed.files import is_uri, join, resolve  # one mapping of paths and URIs to filesystems for every job
 
-def is_uri(location: str) -> bool:
-    return "://" in location
+__all__ = ["filesystem", "is_uri", "join", "list_dirs", "local_path", "normalize", "upload"]
 
 
 def normalize(location: str) -> str:
@@ -19,10 +19,6 @@ def normalize(location: str) -> str:
     if is_uri(location):
         return location.rstrip("/")
     return str(Path(location).expanduser().resolve())
-
-
-def join(location: str, *parts: str) -> str:
-    return "/".join([location.rstrip("/"), *parts])
 
 
 def local_path(location: str) -> Path | None:
@@ -38,11 +34,7 @@ def local_path(location: str) -> Path | None:
 
 def filesystem(location: str):
     """(pyarrow filesystem, path inside it) for a local path or a URI."""
-    from pyarrow.fs import FileSystem, LocalFileSystem
-
-    if is_uri(location):
-        return FileSystem.from_uri(location)
-    return LocalFileSystem(), normalize(location)
+    return resolve(normalize(location))
 
 
 def list_dirs(location: str, prefix: str) -> list[tuple[str, float]]:
