@@ -54,17 +54,24 @@ def list_dirs(location: str, prefix: str) -> list[tuple[str, float]]:
 
 def upload(local_dir: Path, location: str) -> None:
     """Copy a finished local directory to `location` (replacing what was there): written to `<location>.partial`
-    first and moved into place, so a failed upload never leaves a half-written directory under the final name
-    (on object stores the move is a copy, but the final name is still only ever written complete)."""
-    from pyarrow.fs import FileType, copy_files
+    first and moved into place, so a failed upload never leaves a half-written directory under the final name.
+    Object stores have no directory rename: there the objects are copied server-side from `.partial`, config.json
+    last (a loader finds no model before every weight is in place), then `.partial` is deleted."""
+    from pyarrow.fs import FileSelector, FileType, copy_files
 
     fs, path = filesystem(location)
     partial = path + ".partial"
-    for stale in (partial,):
-        if fs.get_file_info(stale).type != FileType.NotFound:
-            fs.delete_dir(stale)
+    if fs.get_file_info(partial).type != FileType.NotFound:
+        fs.delete_dir(partial)
     fs.create_dir(partial, recursive=True)
     copy_files(str(local_dir), partial, destination_filesystem=fs)
     if fs.get_file_info(path).type != FileType.NotFound:
         fs.delete_dir(path)
-    fs.move(partial, path)
+    if fs.type_name in ("local", "mock"):
+        fs.move(partial, path)
+        return
+    files = [i.path for i in fs.get_file_info(FileSelector(partial, recursive=True)) if i.type == FileType.File]
+    files.sort(key=lambda f: f.endswith("/config.json"))  # config.json last
+    for source in files:
+        fs.copy_file(source, path + source[len(partial):])
+    fs.delete_dir(partial)
