@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--overhead-tokens", type=int, default=OVERHEAD_TOKENS, help="planner's cost of one more forward")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device")
     ap.add_argument("--tiny", action="store_true", help="tiny model, short documents, fp32 on CPU: a smoke run")
+    ap.add_argument("--fp32-adapters", action="store_true", help="peft's fp32 adapters (the DDP backend's case)")
     ap.add_argument("--cudnn-attention", action="store_true", help="keep cuDNN SDPA on (the training job turns it off)")
     ap.add_argument("--profile", action="store_true", help="print the top device kernels of one naive step first")
     args = ap.parse_args()
@@ -172,6 +173,11 @@ def main() -> None:
     })
     torch.manual_seed(0)
     embedder.model = build_trainable(embedder, cfg)
+    if device.type == "cuda" and not args.fp32_adapters:
+        # As the training job's DeepSpeed bf16 engine does: every parameter, the LoRA adapters too, computes in
+        # bf16 (DeepSpeed's optimizer keeps the fp32 masters). peft alone keeps adapters in fp32, so every
+        # projection would cast its input to fp32 and run an fp32 GEMM (seen in the H100 profile).
+        embedder.model.to(torch.bfloat16)
     if not args.cudnn_attention:
         use_training_attention(device)
     trainable = [p for p in embedder.model.parameters() if p.requires_grad]
