@@ -204,9 +204,12 @@ def job(capsys, *overrides: str) -> tuple[int, dict | None, list[str], list[str]
     code = JOB_MAIN(["--config", str(ROOT / "jobs/configs/embed_cpu.yaml"), *SMALL, *overrides])
     out, err = capsys.readouterr()
     progress = [line for line in out.splitlines() if line.startswith("progress:")]
-    body = "\n".join(line for line in out.splitlines() if not line.startswith("progress:"))
+    # The summary is the JSON object the job prints last; Ray's own processes may print lines of theirs into the
+    # same stdout (e.g. `(raylet) WARNING: N PYTHON worker processes have been started`), never inside it.
+    start = out.rindex("\n{") + 1 if "\n{" in out else 0
     if code == 0:  # Ray Data logs its own progress to stderr: keep the job's warning lines
-        return code, json.loads(body), progress, [line for line in err.splitlines() if line.startswith("warning:")]
+        warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+        return code, json.JSONDecoder().raw_decode(out, start)[0], progress, warnings
     return code, None, progress, err.strip().splitlines()
 
 

@@ -73,14 +73,21 @@ def test_vectorised_collate_equals_row_by_row(minilm):
         assert torch.equal(fast[key], slow[key]), key
 
 
+@pytest.fixture(scope="module")
+def tiny_dream():
+    return Embedder(EmbedderConfig(model="tiny:dream"))
+
+
 @pytest.mark.parametrize("windows", ["first", "mean", "best"])
-def test_sliced_tokenisation_equals_one_call_per_document(minilm, monkeypatch, windows):
-    """Many slices (FIRST_SLICE 2), batches carried across slices: every vector equals the document alone."""
+def test_sliced_tokenisation_equals_one_call_per_document(tiny_dream, monkeypatch, windows):
+    """Many slices (FIRST_SLICE 2), windows waiting in length buckets across slices: every vector equals the
+    document embedded alone (bidirectional attention through the key-padding mask)."""
     monkeypatch.setattr(embedder_module, "FIRST_SLICE", 2)
     monkeypatch.setattr(embedder_module, "MAX_SLICE", 8)
-    policy = minilm.config.documents.model_copy(update={"windows": windows})
-    emb = Embedder(minilm.config.model_copy(update={"documents": policy, "max_length": 32, "max_batch_tokens": 128}),
-                   backbone=minilm.backbone)
+    base = tiny_dream
+    policy = base.config.documents.model_copy(update={"windows": windows})
+    emb = Embedder(base.config.model_copy(update={"documents": policy, "max_length": 32, "max_batch_tokens": 128}),
+                   backbone=base.backbone)
     rng = np.random.default_rng(1)
     words = ["retrieval", "diffusion", "window", "vector", "the", "of", "query", "passage"]
     texts = [" ".join(rng.choice(words, int(n))) for n in rng.integers(1, 70, 20)]
