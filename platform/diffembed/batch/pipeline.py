@@ -56,9 +56,7 @@ class StoreOwner:
         return sorted(resume_check(self.store, doc_ids))
 
     def upsert(self, records: list, stale: dict[str, int] | None = None) -> int:
-        if stale:
-            self.store.delete_stale_chunks(stale)
-        self.store.upsert(records)
+        write_points(self.store, records, stale)
         return len(records)
 
     def finish(self) -> int:
@@ -67,6 +65,13 @@ class StoreOwner:
         count = self.store.count()
         self.store.close()
         return count
+
+
+def write_points(store, records: list, stale: dict[str, int] | None) -> None:
+    """Upsert the points; first delete the chunks >= n of each document `stale` maps to its chunk count n."""
+    if stale:
+        store.delete_stale_chunks(stale)
+    store.upsert(records)
 
 
 def resume_check(store, doc_ids: list[str]) -> set[str]:
@@ -95,15 +100,13 @@ class _StoreClient:
         return resume_check(self.store, doc_ids)
 
     def upsert(self, records: list, stale: dict[str, int] | None = None) -> None:
-        """Write the points; first delete the chunks >= n of each document `stale` maps to its chunk count n."""
+        """`write_points`, through the owner actor or on this stage's own connection."""
         if self.owner is not None:
             import ray
 
             ray.get(self.owner.upsert.remote(records, stale))
         else:
-            if stale:
-                self.store.delete_stale_chunks(stale)
-            self.store.upsert(records)
+            write_points(self.store, records, stale)
 
 
 STREAM_BLOCK_BYTES = 1 << 20  # Ray Data's block size inside the job (see embed_corpus)
@@ -290,13 +293,13 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def check_scan(cfg: EmbedCorpusConfig, scan) -> None:
+def check_scan(cfg: EmbedCorpusConfig, scan, units: list[dict[str, Any]]) -> None:
     """Bad rows: fail (one `error: file:line: reason` line) or warn; duplicates: warn, naming the first few."""
-    from diffembed.batch.reading import CorpusError, expand_inputs, position
+    from diffembed.batch.reading import CorpusError, position, unit_files
 
     if not scan.bad_rows and not scan.duplicate_ids:
         return
-    fmt, files = expand_inputs(cfg.input)  # the file list positions index into
+    fmt, files = units[0]["format"], unit_files(units)  # the files positions index into
     if scan.bad_rows:
         first = "; ".join(f"{position(fmt, files, o)}: {r}" for o, r in scan.bad_examples[:3])
         if cfg.input.bad_rows == "fail":
@@ -328,7 +331,7 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
     if not ray.is_initialized():
         ray.init()
     scan = scan_corpus(units, cfg.input)  # duplicate ids and bad rows, before anything is written
-    check_scan(cfg, scan)
+    check_scan(cfg, scan, units)
     ds = read_corpus(cfg.input, assign_drops(units, scan.drop))
     with open_store(cfg.store) as store:  # checked (and created) here, then released for the actors
         if cfg.recreate:

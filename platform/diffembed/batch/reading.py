@@ -68,7 +68,7 @@ def check_columns(cfg: InputConfig, fmt: str, files: list[str]) -> None:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        with _open_binary(first) as f:
+        with open_input(first) as f:
             columns = set(pq.read_schema(f).names)
     else:
         columns = set()
@@ -85,7 +85,7 @@ def check_columns(cfg: InputConfig, fmt: str, files: list[str]) -> None:
 
 
 def _open(path: str):
-    return io.TextIOWrapper(_open_binary(path), encoding="utf-8")
+    return io.TextIOWrapper(open_input(path), encoding="utf-8")
 
 
 def content_id(text: str) -> str:
@@ -148,7 +148,7 @@ def plan_units(cfg: InputConfig) -> list[dict[str, Any]]:
 
         units = []
         for index, path in enumerate(files):
-            with _open_binary(path) as f:
+            with open_input(path) as f:
                 meta = pq.ParquetFile(f).metadata
             first = 0
             for group in range(meta.num_row_groups):
@@ -161,7 +161,7 @@ def plan_units(cfg: InputConfig) -> list[dict[str, Any]]:
     units, group, size = [], [], 0
     for index, path in enumerate(files):  # a few hundred small files per unit, not one block per file
         group.append([index, path])
-        size += _size(path)
+        size += file_size(path)
         if size >= cfg.block_bytes or len(group) >= 256:
             units.append({"format": fmt, "files": group, "root": root, "file": group[0][0], "weight": len(group)})
             group, size = [], 0
@@ -184,14 +184,27 @@ def unit_rows(unit: dict[str, Any], cfg: InputConfig):
     elif unit["format"] == "parquet":
         rows = _parquet_rows(unit, cfg)
     else:
-        rows = (_text_row(path, cfg, unit["root"], index) for index, path in unit["files"])
+        one_text = cfg.model_copy(update={"id_column": "id", "text_column": "text", "title_column": None,
+                                          "metadata_columns": []})
+        rows = (_text_row(path, one_text, unit["root"], index) for index, path in unit["files"])
     for row in rows:
         if drop and row["order"] in drop and not row["skip"]:
             row.update(skip=DUPLICATE, text="")
         yield row
 
 
-def position(unit_format: str, files: list[str], order: int) -> str:
+def unit_files(units: list[dict[str, Any]]) -> dict[int, str]:
+    """The input files by index (the high bits of a row's `order`), as the units name them."""
+    files: dict[int, str] = {}
+    for unit in units:
+        if "files" in unit:
+            files.update((index, path) for index, path in unit["files"])
+        else:
+            files[unit["file"]] = unit["path"]
+    return files
+
+
+def position(unit_format: str, files: dict[int, str] | list[str], order: int) -> str:
     """A row's `order` as a report names it: file:line (JSONL), file:row N (Parquet), the file (text)."""
     path, offset = files[order >> ORDER_BITS], order & ((1 << ORDER_BITS) - 1)
     if unit_format == "jsonl":
@@ -201,29 +214,20 @@ def position(unit_format: str, files: list[str], order: int) -> str:
     return path
 
 
-def _size(path: str) -> int:
-    return file_size(path)
-
-
 def plan_ranges(files: list[str], block_bytes: int) -> list[dict[str, Any]]:
     """Byte ranges of at most `block_bytes` over every file, in file order (an empty file: no range)."""
     ranges = []
     for index, path in enumerate(files):
-        size = _size(path)
+        size = file_size(path)
         for start in range(0, size, block_bytes):
             ranges.append({"path": path, "file": index, "start": start, "end": min(start + block_bytes, size)})
     return ranges
 
 
-def _open_binary(path: str):
-    """A seekable binary file with `readline`, local or any pyarrow URI (s3://, gs://, file://)."""
-    return open_input(path)
-
-
 def line_number(path: str, offset: int) -> int:
     """The 1-based number of the line starting at byte `offset` (counted only when a report needs it)."""
     count, done = 1, 0
-    with _open_binary(path) as f:
+    with open_input(path) as f:
         while done < offset:
             chunk = f.read(min(1 << 20, offset - done))
             if not chunk:
@@ -235,7 +239,7 @@ def line_number(path: str, offset: int) -> int:
 
 def iter_range_lines(path: str, start: int, end: int):
     """(byte offset, line bytes) of the lines that start in [start, end)."""
-    with _open_binary(path) as f:
+    with open_input(path) as f:
         pos = start
         if start > 0:  # the line running into this range belongs to the previous one
             f.seek(start - 1)
@@ -272,7 +276,7 @@ def _parquet_rows(unit: dict[str, Any], cfg: InputConfig):
 
     path = unit["path"]
     wanted = {c for c in (cfg.id_column, cfg.text_column, cfg.title_column, *cfg.metadata_columns) if c}
-    with _open_binary(path) as f:
+    with open_input(path) as f:
         pf = pq.ParquetFile(f)
         table = pf.read_row_group(unit["row_group"], columns=[c for c in pf.schema_arrow.names if c in wanted])
     base = (unit["file"] << ORDER_BITS) | unit["first_row"]
@@ -292,14 +296,12 @@ def where_to_line(where: str) -> str:
 
 
 def _text_row(path: str, cfg: InputConfig, root: str, index: int) -> dict[str, Any]:
-    """One document per file; its id is the path relative to the input folder."""
-    with _open_binary(path) as f:
+    """One document per file; its id is the path relative to the input folder. `cfg` reads columns id and text."""
+    with open_input(path) as f:
         data = f.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         text = None
     doc = {"id": os.path.relpath(path, root) if root else path, "text": text}
-    cfg = cfg.model_copy(update={"id_column": "id", "text_column": "text", "title_column": None,
-                                 "metadata_columns": []})
     return normalize(doc, cfg, path, index << ORDER_BITS, 1)

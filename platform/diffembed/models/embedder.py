@@ -298,10 +298,7 @@ class Embedder:
         for i in order:
             n = len(segments[i].ids)
             new_width = max(width, n)
-            if current and (
-                new_width * (len(current) + 1) > self.config.max_batch_tokens
-                or len(current) >= self.config.max_batch_size
-            ):
+            if current and not self._fits(new_width, len(current) + 1):
                 groups.append(current)
                 current, new_width = [], n
             current.append(i)
@@ -316,10 +313,13 @@ class Embedder:
         for group in self.batches(segments):
             yield self._prepared_batch(segments, group)
 
+    def _fits(self, width: int, rows: int) -> bool:
+        """Whether `rows` windows padded to `width` stay within the batch budgets (tokens and rows)."""
+        return rows <= self.config.max_batch_size and width * rows <= self.config.max_batch_tokens
+
     def _is_full(self, segments: Sequence[Segment], group: Sequence[int]) -> bool:
-        """A batch that another window would not fit in (by tokens or by rows)."""
-        width = max(len(segments[i].ids) for i in group)
-        return len(group) >= self.config.max_batch_size or width * (len(group) + 1) > self.config.max_batch_tokens
+        """A batch that another window (no longer than its longest) would not fit in."""
+        return not self._fits(max(len(segments[i].ids) for i in group), len(group) + 1)
 
     def _prepared_batch(self, segments: Sequence[Segment], group: Sequence[int]
                         ) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
@@ -392,10 +392,13 @@ class Embedder:
                 first = len(segments)
                 segments.extend(self._document_segments(texts[start:end], titles[start:end], None, spans,
                                                         first_source=start))
+                touched = set()
                 for i in range(first, len(segments)):
                     key = int(math.log(len(segments[i].ids)) / math.log(BUCKET_RATIO))
                     buckets.setdefault(key, []).append(i)
-                for key, members in buckets.items():
+                    touched.add(key)
+                for key in sorted(touched):  # a bucket without new windows holds less than a full batch
+                    members = buckets[key]
                     groups = [[members[i] for i in g] for g in self.batches([segments[i] for i in members])]
                     full = [g for g in groups if self._is_full(segments, g)]
                     for group in full:

@@ -88,11 +88,6 @@ def read_history(directory: str | Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def read_probe(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory, PROBE_FILE)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def report(engine, metrics: dict[str, Any], save: bool, attempt: int, rank: int, probe=None, history=()) -> None:
     """`ray.train.report` this step's metrics, with a checkpoint when `save`: the backend's files (all ranks for
     DeepSpeed, rank 0 for torch) and rank 0's metrics, history and — at the end — the probe embeddings."""
