@@ -166,31 +166,68 @@ class Embedder:
         token and excluding the instruction from mean pooling is exact on token boundaries.
         """
         texts = validate_texts(texts, "queries")
-        if instruction is None or isinstance(instruction, str):
-            prefixes = [self.query_prefix(instruction)] * len(texts)
-        elif len(instruction) != len(texts):
-            raise ValueError(f"got {len(instruction)} instructions for {len(texts)} queries")
-        else:
-            prefixes = [self.query_prefix(ins) for ins in instruction]
+        prefixes = self._query_prefixes(len(texts), instruction)
         cores = [p.rstrip() for p in prefixes]
         tails = [p[len(c):] for p, c in zip(prefixes, cores)]
-        core_ids = self._tokenize_unique([c for c in cores if c])
         ids, offsets = self.tokenize([tail + t for tail, t in zip(tails, texts)])
+        return self._query_segments(ids, offsets, cores, tails)
+
+    def _query_prefixes(self, n: int, instruction: str | Sequence[str | None] | None) -> list[str]:
+        if instruction is None or isinstance(instruction, str):
+            return [self.query_prefix(instruction)] * n
+        if len(instruction) != n:
+            raise ValueError(f"got {len(instruction)} instructions for {n} queries")
+        return [self.query_prefix(ins) for ins in instruction]
+
+    def _query_segments(self, ids: list[list[int]], offsets: list[list[tuple[int, int]]] | None,
+                        cores: list[str], tails: list[str]) -> list[Segment]:
+        core_ids = self._tokenize_unique([c for c in cores if c])
         budget = self.content_budget
         exclude = self.config.exclude_instruction_from_pooling and self.config.pooling == "mean"
         segments = []
-        for i, (tok, off, core, tail) in enumerate(zip(ids, offsets, cores, tails)):
+        for i, (tok, core, tail) in enumerate(zip(ids, cores, tails)):
             instr = core_ids.get(core, []) if core else []
             keep = budget - len(instr)
             if keep < 1 or not tok:
                 raise ValueError(f"queries[{i}] has no tokens left after the instruction at "
                                  f"max_length={self.config.max_length}")
-            tok, off = tok[:keep], off[:keep]
-            mask = [0 if exclude else 1] * len(instr) + [1] * len(tok)
-            seg_ids, seg_mask = self._wrap(instr + tok, mask)
-            end_char = max(0, off[-1][1] - len(tail))
-            segments.append(Segment(seg_ids, seg_mask, i, (0, len(tok)), (0, end_char), len(ids[i])))
+            kept = tok[:keep]
+            mask = [0 if exclude else 1] * len(instr) + [1] * len(kept)
+            seg_ids, seg_mask = self._wrap(instr + kept, mask)
+            chars = None
+            if offsets is not None:
+                chars = (0, max(0, offsets[i][len(kept) - 1][1] - len(tail)))
+            segments.append(Segment(seg_ids, seg_mask, i, (0, len(kept)), chars, len(tok)))
         return segments
+
+    def check_token_ids(self, ids: Any, what: str = "inputs") -> list[list[int]]:
+        """Token-id inputs (the tokenizer's own ids, content only: no special tokens) as lists of ints, or a
+        ValueError naming the first input that is empty or holds an id outside the vocabulary."""
+        vocab = len(self.tokenizer)
+        out = []
+        for i, row in enumerate(ids):
+            row = list(row)
+            if not row:
+                raise ValueError(f"{what}[{i}] is empty")
+            bad = next((t for t in row if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"{what}[{i}] holds {bad!r}, not a token id of this model (0 to {vocab - 1})")
+            out.append(row)
+        return out
+
+    def query_segments_from_ids(self, ids: Sequence[Sequence[int]],
+                                instruction: str | Sequence[str | None] | None = None) -> list[Segment]:
+        """`query_segments` for inputs given as token ids (see `check_token_ids`); no character spans."""
+        ids = self.check_token_ids(ids, "queries")
+        prefixes = self._query_prefixes(len(ids), instruction)
+        cores = [p.rstrip() for p in prefixes]
+        return self._query_segments(ids, None, cores, [""] * len(ids))
+
+    def document_segments_from_ids(self, ids: Sequence[Sequence[int]], windows: Windows | None = None
+                                   ) -> list[Segment]:
+        """`document_segments` for documents given as token ids (see `check_token_ids`); no character spans."""
+        ids = self.check_token_ids(ids, "documents")
+        return self._windows(ids, None, [None] * len(ids), windows, 0)
 
     def document_segments(
         self, texts: Sequence[str], titles: Sequence[str | None] | None = None, windows: Windows | None = None,
@@ -209,12 +246,18 @@ class Embedder:
     def _document_segments(self, texts: Sequence[str], titles: Sequence[str | None], windows: Windows | None,
                            spans: bool, first_source: int = 0) -> list[Segment]:
         policy = self.config.documents
+        ids, offsets = self.tokenize([policy.join(t, ti) for t, ti in zip(texts, titles)], offsets=spans)
+        return self._windows(ids, offsets, titles, windows, first_source)
+
+    def _windows(self, ids: list[list[int]], offsets: list[list[tuple[int, int]]] | None,
+                 titles: Sequence[str | None], windows: Windows | None, first_source: int) -> list[Segment]:
+        """Each document's token windows under the policy (character spans only when `offsets` are given)."""
+        policy = self.config.documents
         windows = windows or policy.windows
         prefix_ids = self._tokenize_unique([policy.prefix])[policy.prefix] if policy.prefix else []
         budget = self.content_budget - len(prefix_ids)
         if budget < 1:
             raise ConfigError(f"documents.prefix leaves no room for content at max_length={self.config.max_length}")
-        ids, offsets = self.tokenize([policy.join(t, ti) for t, ti in zip(texts, titles)], offsets=spans)
         stride = budget - min(policy.overlap, budget // 2)
         head = self._prefix + prefix_ids
         head_mask = [1] * len(head)
@@ -226,11 +269,11 @@ class Embedder:
                 starts = list(range(0, max(len(tok) - budget, 0) + 1, stride))
                 if starts[-1] + budget < len(tok):
                     starts.append(starts[-1] + stride)  # cover the tail
-            shift = policy.title_offset(titles[i]) if spans else 0
+            shift = policy.title_offset(titles[i]) if offsets is not None else 0
             for start in starts:
                 end = min(start + budget, len(tok))
                 chars = None
-                if spans:
+                if offsets is not None:
                     off = offsets[i]
                     chars = (max(0, off[start][0] - shift), max(0, off[end - 1][1] - shift)) if end > start else (0, 0)
                 segments.append(Segment(head + tok[start:end] + self._suffix,

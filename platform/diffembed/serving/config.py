@@ -49,7 +49,11 @@ class EncoderArgs(ConfigModel):
         description="Extra Ray resources per replica, e.g. {inference_node: 1} for cluster.yaml's inference pool.",
     )
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per replica. Default: max(1, num_cpus).")
-    max_ongoing_requests: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once (its batch source).")
+    max_queued_requests: int = Field(
+        256, ge=1, description="Requests waiting for a replica beyond that; more are refused (HTTP 429 + Retry-After) "
+        "instead of waiting without bound.",
+    )
 
     def ray_actor_options(self) -> dict[str, Any]:
         """The resources every encoder replica is started with (Serve's `ray_actor_options`)."""
@@ -74,6 +78,12 @@ class ServeArgs(ConfigModel):
     retriever_num_cpus: float = Field(0.1, ge=0)
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.1, ge=0)
+    ingress_max_ongoing_requests: int = Field(512, ge=1)
+    ingress_max_queued_requests: int = Field(1024, ge=1, description="Beyond this Serve's proxy answers 429 itself.")
+    retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with a 429.")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="A request's deadline: calls to a lost replica are retried on another within it.",
+    )
     limits: LimitsArgs = Field(default_factory=LimitsArgs)
     api_key: str | None = Field(None, repr=False, description="Bearer key for every route but /healthz; env DIFFEMBED_API_KEY.")
     model_name: str | None = Field(None, description="Model id shown by /v1/models. Default: embedder.model.")

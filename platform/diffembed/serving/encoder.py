@@ -31,6 +31,12 @@ class InputTooLong(InvalidInput):
     code = "input_too_long"
 
 
+class InvalidTokenIds(InvalidInput):
+    """A token-id input holds an id outside the model's vocabulary (or is empty)."""
+
+    code = "invalid_token_ids"
+
+
 @dataclass
 class Item:
     segments: list  # list[Segment], all with source 0
@@ -99,15 +105,20 @@ class EncoderImpl:
         cfg = self.embedder.config
         return {"model": cfg.model, "dimension": self.embedder.dimension, "hidden_size": self.embedder.hidden_size,
                 "max_length": cfg.max_length, "normalize": cfg.normalize,
-                "documents": cfg.documents.model_dump(mode="json")}
+                "documents": cfg.documents.model_dump(mode="json"), "vocab_size": len(self.embedder.tokenizer),
+                "query_instruction": cfg.query_instruction}
 
     def ready(self) -> bool:
         return True
 
     # -- encoding -------------------------------------------------------------------------------------
 
-    def _segments(self, texts: list[str], kind: Kind, instruction: str | None, truncate: bool) -> list[list]:
-        """Each text's segments (source 0), built by the Embedder under its query format / document policy.
+    def _segments(self, inputs: list[str] | list[list[int]], kind: Kind, instruction: str | None,
+                  truncate: bool) -> list[list]:
+        """Each input's segments (source 0), built by the Embedder under its query format / document policy.
+
+        An input is a text or a list of the model's token ids (content only: the Embedder adds special tokens,
+        the instruction and windows exactly as for text); ids outside the vocabulary are `InvalidInput`.
 
         Without `truncate`, an input that does not fit is an error rather than silently cut: a query or a
         `first`-policy document longer than max_length, or a `best`-policy document of several windows (it
@@ -115,11 +126,20 @@ class EncoderImpl:
         """
         emb = self.embedder
         policy = emb.config.documents.windows
-        if kind == "query":
-            segs = emb.query_segments(texts, instruction)
-        else:  # only `best` needs truncating to one window; `mean` averages them all, `first` cuts anyway
-            segs = emb.document_segments(texts, windows="first" if truncate and policy == "best" else None, spans=False)
-        per_text: list[list] = [[] for _ in texts]
+        # only `best` needs truncating to one window; `mean` averages them all, `first` cuts anyway
+        windows = "first" if truncate and policy == "best" else None
+        if inputs and not isinstance(inputs[0], str):
+            try:
+                ids = emb.check_token_ids(inputs, "input")
+            except ValueError as exc:
+                raise InvalidTokenIds(str(exc)) from None
+            segs = (emb.query_segments_from_ids(ids, instruction) if kind == "query"
+                    else emb.document_segments_from_ids(ids, windows=windows))
+        elif kind == "query":
+            segs = emb.query_segments(inputs, instruction)
+        else:
+            segs = emb.document_segments(inputs, windows=windows, spans=False)
+        per_text: list[list] = [[] for _ in inputs]
         for seg in segs:
             per_text[seg.source].append(dataclasses.replace(seg, source=0))
         if not truncate:
@@ -149,31 +169,32 @@ class EncoderImpl:
         pooled = await asyncio.to_thread(self._compute, items)
         return list(pooled)
 
-    async def embed(self, texts: list[str], kind: Kind = "document", instruction: str | None = None,
+    async def embed(self, inputs: list[str] | list[list[int]], kind: Kind = "document", instruction: str | None = None,
                     truncate: bool = True, dimensions: int | None = None,
                     normalize: bool | None = None) -> EncodeResult:
-        """Vectors for `texts` as `Embedder.encode_documents`/`encode_queries` gives them, micro-batched with
-        other requests by @serve.batch.
+        """Vectors for `inputs` (texts, or token-id lists) as `Embedder.encode_documents`/`encode_queries` gives
+        them, micro-batched with other requests by @serve.batch.
 
         `dimensions` (Matryoshka) keeps the first N of the model's dimensions; `normalize` overrides the config.
+        Tokenisation runs in a worker thread: the replica's event loop keeps taking requests meanwhile.
         """
-        items = self._items(texts, kind, instruction, truncate, dimensions)
+        items = await asyncio.to_thread(self._items, inputs, kind, instruction, truncate, dimensions)
         pooled = await asyncio.gather(*(self._run(item) for item in items))
         return self._result(items, pooled, dimensions, normalize)
 
-    def embed_unbatched(self, texts: list[str], kind: Kind = "document", instruction: str | None = None,
+    def embed_unbatched(self, inputs: list[str] | list[list[int]], kind: Kind = "document", instruction: str | None = None,
                         truncate: bool = True, dimensions: int | None = None,
                         normalize: bool | None = None) -> EncodeResult:
         """`embed` without Serve's micro-batching (the same segments, vectors and finishing): for tests and the
         in-process benchmark baseline, where no replica context exists."""
-        items = self._items(texts, kind, instruction, truncate, dimensions)
+        items = self._items(inputs, kind, instruction, truncate, dimensions)
         return self._result(items, list(self._compute(items)) if items else [], dimensions, normalize)
 
-    def _items(self, texts: list[str], kind: Kind, instruction: str | None, truncate: bool,
+    def _items(self, inputs: list[str] | list[list[int]], kind: Kind, instruction: str | None, truncate: bool,
                dimensions: int | None) -> list[Item]:
         if dimensions is not None and not 1 <= dimensions <= self.embedder.dimension:
             raise ValueError(f"dimensions must be between 1 and {self.embedder.dimension}")
-        per_text = self._segments(list(texts), kind, instruction, truncate)
+        per_text = self._segments(list(inputs), kind, instruction, truncate)
         return [Item(segs, min(sum(len(s.ids) for s in segs), self.max_batch_tokens)) for segs in per_text]
 
     def _result(self, items: list[Item], pooled: list[np.ndarray], dimensions: int | None,

@@ -44,3 +44,15 @@ def message_of(exc: BaseException, limit: int = 500) -> str:
         text = lines[-1] if lines else ""
     text = " ".join(text.split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Overloaded(RuntimeError):
+    """A deployment's request queue is full (Serve's `max_queued_requests`): the ingress answers 429 with a
+    `Retry-After` of `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):  # keep retry_after_s across Ray's pickling
+        return (type(self), (str(self), self.retry_after_s))
