@@ -168,3 +168,17 @@ def test_cuda_requested_without_cuda_is_a_config_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="CUDA is not available"):
         Embedder(EmbedderConfig(model="tiny:dream", device="cuda"))
+
+
+def test_dtype_auto_resolves_to_what_the_cpu_runs_natively():
+    import torch
+
+    from diffembed.models.loading import native_bf16, resolve_dtype
+
+    cpu = torch.device("cpu")
+    want = "bf16" if native_bf16(cpu) else "fp32"
+    assert resolve_dtype("auto", cpu) == want
+    assert resolve_dtype("fp32", cpu) == "fp32"  # an explicit dtype is never changed
+    embedder = Embedder(EmbedderConfig(model="all-MiniLM-L6-v2", dtype="auto"))
+    assert embedder.config.dtype == want
+    assert next(embedder.model.parameters()).dtype == (torch.bfloat16 if want == "bf16" else torch.float32)

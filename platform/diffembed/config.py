@@ -20,7 +20,7 @@ from diffembed.documents import DocumentPolicy
 Family = Literal["dream", "llada", "qwen2", "llama", "mistral", "bert"]
 Attention = Literal["bidirectional", "causal"]
 Pooling = Literal["mean", "last", "cls"]
-DType = Literal["fp32", "bf16", "fp16"]
+DType = Literal["fp32", "bf16", "fp16", "auto"]
 
 # The instruction the paper uses for MS MARCO-style retrieval queries.
 DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -244,7 +244,10 @@ class EmbedderConfig(ConfigModel):
     )
     dimensions: int | None = Field(None, ge=1, description="Matryoshka: keep the first N dimensions.")
     # ---- runtime settings below: how this machine computes the function, never saved with a model
-    dtype: DType = "fp32"
+    dtype: DType = Field(
+        "fp32", description="auto: bf16 where the device computes it natively (a CUDA GPU with bf16; a CPU with "
+        "AVX512-BF16 or AMX), else fp32.",
+    )
     device: str | None = Field(None, description="cuda when present, else cpu.")
     lora_adapter: str | None = Field(None, description="A peft LoRA adapter directory merged into the backbone.")
     max_batch_tokens: int | None = Field(

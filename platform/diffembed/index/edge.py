@@ -313,10 +313,10 @@ class EdgeStore:
 
     # -- reads --------------------------------------------------------------------------------------------
 
-    def count(self) -> int:
+    def count(self, exact: bool = True) -> int:
         import qdrant_edge as e
 
-        return int(self._shard_handle().count(e.CountRequest(exact=True)))
+        return int(self._shard_handle().count(e.CountRequest(exact=exact)))
 
     def _filter(self, spec: dict[str, Any] | None):
         import qdrant_edge as e

@@ -315,8 +315,8 @@ class ServerStore:
 
     # -- reads ----------------------------------------------------------------------------------------
 
-    def count(self) -> int:
-        return self._call(self.client.count, self.cfg.collection, exact=True).count
+    def count(self, exact: bool = True) -> int:
+        return self._call(self.client.count, self.cfg.collection, exact=exact).count
 
     def search(
         self,

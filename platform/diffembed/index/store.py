@@ -180,7 +180,7 @@ class VectorStore(Protocol):
     def bulk_load(self) -> AbstractContextManager[None]:
         """A bulk write: index building is deferred to its end (Edge: optimize; server: indexing threshold)."""
 
-    def count(self) -> int: ...
+    def count(self, exact: bool = True) -> int: ...  # exact=False: an estimate, cheap on any size
 
     def search(self, dense: np.ndarray | None, text: str | None, top_k: int = 10, mode: SearchMode = "dense",
                filter: dict[str, Any] | None = None) -> list[Hit]: ...

@@ -23,7 +23,8 @@ import torch
 
 from diffembed.config import ConfigError, EmbedderConfig
 from diffembed.documents import Windows, titles_or_none
-from diffembed.models.loading import Backbone, load_backbone, quiet_transformers, resolve_defaults, with_saved_config
+from diffembed.models.loading import (Backbone, load_backbone, quiet_transformers, resolve_defaults, resolve_dtype,
+                                      with_saved_config)
 from diffembed.models.pooling import finish, pool
 from diffembed.models.prefetch import prefetch
 
@@ -82,6 +83,7 @@ class Embedder:
             config, self.backbone.family, self.backbone.attention, self.tokenizer, self.backbone.default_max_length
         ).model_copy(update={
             "max_batch_tokens": config.max_batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type == "cuda"],
+            "dtype": resolve_dtype(config.dtype, self.device),
         })
         if self.config.append_eos and self.tokenizer.eos_token_id is None:
             raise ConfigError("append_eos is on but the tokenizer has no EOS token")

@@ -206,6 +206,22 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls natively (faster than fp32), not by emulation."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """`auto` -> bf16 where the device runs it natively, else fp32; an explicit dtype is kept."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def check_runtime(cfg: EmbedderConfig, device: torch.device) -> None:
     """What this machine cannot run is a config error before any weight is read (never a silent fallback that
     would change the vectors): bf16 on a GPU without bf16 support, flash-attention without its package or GPU."""
@@ -229,6 +245,7 @@ def check_runtime(cfg: EmbedderConfig, device: torch.device) -> None:
 
 def load_backbone(cfg: EmbedderConfig, device: torch.device | None = None) -> Backbone:
     device = device or pick_device(cfg.device)
+    cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype, device)})
     check_runtime(cfg, device)
     path = resolve_model_path(cfg.model)
     raw = read_json(path / "config.json")

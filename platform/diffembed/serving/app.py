@@ -24,7 +24,7 @@ def app_builder(args: ServeArgs) -> serve.Application:
     )
     retriever = None
     if args.store is not None:
-        retriever = retriever_deployment(args).bind(args.store.model_dump(mode="json"), encoder)
+        retriever = retriever_deployment(args).bind(args.store.model_dump(mode="json"), encoder, args.request_timeout_s)
     # api_key is excluded from repr but must reach the replicas: dump it explicitly
     return ingress_deployment(args).bind(encoder, retriever, args.model_dump(mode="json"))
 

@@ -17,6 +17,7 @@ from ray import serve
 
 from diffembed.documents import best_hits
 from diffembed.index.config import StoreConfig
+from diffembed.serving.calls import DEFAULT_DEADLINE_S, call
 from diffembed.serving.errors import BadSearchRequest, InvalidInput, StoreUnavailable, message_of, unwrap
 
 __all__ = ["BadSearchRequest", "InvalidInput", "StoreUnavailable", "RetrieverImpl", "classify_store_error",
@@ -155,12 +156,13 @@ def check_filter(spec: dict[str, Any] | None) -> None:
 
 
 class RetrieverImpl:
-    def __init__(self, store: dict[str, Any], encoder):
+    def __init__(self, store: dict[str, Any], encoder, deadline_s: float = DEFAULT_DEADLINE_S):
         from diffembed.index.store import open_store
 
         self.cfg = StoreConfig.model_validate(store)
         self.store = open_store(self.cfg)
         self.encoder = encoder
+        self.deadline_s = deadline_s
         # the embedded store is one in-process shard: its calls go one at a time; a server takes them concurrently
         self._lock = asyncio.Lock() if self.store.backend == "edge" else contextlib.nullcontext()
 
@@ -189,8 +191,8 @@ class RetrieverImpl:
         return f"collection {self.cfg.collection!r} does not exist at {where}; fill it with the embed_corpus job first"
 
     async def ready(self) -> dict[str, Any]:
-        """Raises when Qdrant or the collection is unreachable."""
-        return {"collection": self.cfg.collection, "points": await self._store_call(self.store.count)}
+        """Raises when Qdrant or the collection is unreachable. Cheap on any size: an estimated count."""
+        return {"collection": self.cfg.collection, "points": await self._store_call(self.store.count, exact=False)}
 
     async def search(self, query: str, top_k: int = 10, mode: str = "dense", filter: dict | None = None,
                      instruction: str | None = None) -> list[dict[str, Any]]:
@@ -198,7 +200,8 @@ class RetrieverImpl:
         dense = None
         if mode != "sparse":
             try:
-                result = await self.encoder.embed.remote([query], kind="query", instruction=instruction)
+                result = await call(self.encoder.embed, [query], kind="query", instruction=instruction,
+                                    deadline_s=self.deadline_s, what="encoder.embed")
             except Exception as exc:
                 cause = unwrap(exc)
                 if isinstance(cause, ValueError):  # the Embedder refused the caller's query or instruction
