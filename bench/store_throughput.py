@@ -150,6 +150,21 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
+THREADS = (1, 2, 4)
+
+
+def concurrent_qps(store, qs: list[tuple], mode: str, threads: int) -> float:
+    """Queries per second with `threads` threads searching the one store object at once (no lock): whether the
+    backend runs reads concurrently (the retriever replica's question) shows as QPS growing with threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        start = time.perf_counter()
+        results = list(pool.map(lambda q: store.search(q[0], q[1], top_k=TOP_K, mode=mode), qs * 2))
+    assert all(len(r) for r in results)
+    return 2 * len(qs) / (time.perf_counter() - start)
+
+
 def measure(backend: str, folder: str, n_points: int, dim: int, n_queries: int) -> dict:
     vocab = vocabulary()
     probs = _word_probs()
@@ -191,6 +206,7 @@ def measure(backend: str, folder: str, n_points: int, dim: int, n_queries: int) 
             out[f"{mode}_cpu_p50"], out[f"{mode}_cpu_p99"] = percentiles(cpu)
             out[f"{mode}_hits"] = hits / len(qs)
         out["queries"] = len(qs)
+        out["concurrent"] = {mode: {n: concurrent_qps(store, qs, mode, n) for n in THREADS} for mode in ("dense", "hybrid")}
     finally:
         try:
             if backend == "server":
@@ -264,6 +280,14 @@ def table(n_points: int, results: dict[str, dict]) -> None:
                   f"{r['hybrid_cpu_p50']:>9.2f}/{r['hybrid_cpu_p99']:<8.2f}")
 
 
+def concurrency(results: dict[str, dict]) -> None:
+    for backend, r in results.items():
+        for mode, by_threads in (r.get("concurrent") or {}).items():
+            one = by_threads[1]
+            cells = ", ".join(f"{n} threads {qps:,.0f} q/s ({qps / one:.2f}x)" for n, qps in by_threads.items())
+            print(f"  {backend:<11} concurrent {mode} reads on one store object: {cells}")
+
+
 def ratios(results: dict[str, dict]) -> None:
     edge, base = results.get("edge", {}), results.get(LOCAL_MODE, {})
     if "upsert" not in edge or "upsert" not in base:
@@ -326,6 +350,7 @@ def main() -> None:
         print(f"\n{n_points:,} points x {args.dim} dims ({LOCAL_MODE} = qdrant-client local mode, the previous "
               "embedded default):")
         table(n_points, results)
+        concurrency(results)
         ratios(results)
         targets(n_points, args.dim, results)
         print(f"  load average {os.getloadavg()[0]:.1f} at the end")
