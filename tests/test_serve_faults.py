@@ -121,6 +121,26 @@ def sigkill_one(deployment: str) -> int:
     return pids[0]
 
 
+def test_encoder_metrics_count_batches(app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    texts = [[f"{w} metric probe {i} {j}" for j in range(3)] for i, w in enumerate(WORDS)]
+    with ThreadPoolExecutor(8) as pool:  # concurrent requests: Serve batches them together
+        codes = list(pool.map(lambda t: httpx.post(f"{app}/v1/embeddings", json={"input": t}, timeout=60).status_code,
+                              texts))
+    assert codes == [200] * len(texts)
+    handle = serve.get_deployment_handle("Encoder", app_name="faults")
+    stats = [handle.stats.remote().result(timeout_s=30) for _ in range(6)]  # both replicas, by chance
+    assert sum(s["batch_texts"] for s in stats) > 0
+    for s in stats:
+        assert s["queue_depth"] == 0  # nothing waits once every request is answered
+        if s["batches"]:
+            assert s["batch_texts"] >= s["batches"] and s["batch_tokens"] > s["batch_texts"]
+    assert max(s["batch_texts"] / max(s["batches"], 1) for s in stats) > 1  # inputs share forward passes
+
+
 def test_encoder_replica_killed_under_load(app):
     killed = []
     ok, failures = load_while(

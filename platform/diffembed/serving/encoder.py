@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +42,56 @@ class InvalidTokenIds(InvalidInput):
 class Item:
     segments: list  # list[Segment], all with source 0
     cost: int  # tokens counted against the batch budget (capped at the budget itself)
+    queued_at: float = 0.0  # time.monotonic() when the item joined the batch queue
+
+
+class EncoderMetrics:
+    """Queue depth, batch size (texts and tokens) and batch wait of one encoder replica, as Ray metrics
+    (`ray_diffembed_encoder_*` on Prometheus) and as a snapshot the replica answers with (`stats`)."""
+
+    WAIT_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+    TEXTS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    TOKENS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Gauge, Histogram
+
+        self.queue = Gauge("diffembed_encoder_queue_depth",
+                           description="Inputs waiting for or in a forward pass on this replica.")
+        self.texts = Histogram("diffembed_encoder_batch_texts", description="Inputs per forward batch.",
+                               boundaries=self.TEXTS)
+        self.tokens = Histogram("diffembed_encoder_batch_tokens", description="Tokens per forward batch.",
+                                boundaries=self.TOKENS)
+        self.wait = Histogram("diffembed_encoder_batch_wait_ms",
+                              description="How long an input waited in the queue before its batch ran (ms).",
+                              boundaries=self.WAIT_MS)
+        self.depth = 0
+        self.batches = self.batch_texts = self.batch_tokens = 0
+        self.max_wait_ms = 0.0
+
+    def enqueued(self, n: int) -> None:
+        self.depth += n
+        self.queue.set(self.depth)
+
+    def dequeued(self, n: int) -> None:
+        self.depth -= n
+        self.queue.set(self.depth)
+
+    def batch(self, items: list[Item], started: float) -> None:
+        tokens = batch_tokens(items)
+        self.texts.observe(len(items))
+        self.tokens.observe(tokens)
+        for item in items:
+            wait_ms = (started - item.queued_at) * 1000
+            self.wait.observe(wait_ms)
+            self.max_wait_ms = max(self.max_wait_ms, wait_ms)
+        self.batches += 1
+        self.batch_texts += len(items)
+        self.batch_tokens += tokens
+
+    def snapshot(self) -> dict[str, float]:
+        return {"queue_depth": self.depth, "batches": self.batches, "batch_texts": self.batch_texts,
+                "batch_tokens": self.batch_tokens, "max_wait_ms": self.max_wait_ms}
 
 
 def batch_tokens(items: list[Item]) -> int:
@@ -77,6 +128,7 @@ class EncoderImpl:
         # One token budget: a Serve batch holds what the Embedder runs in one forward pass, unless retuned.
         self.max_batch_tokens = max_batch_tokens or self.embedder.config.max_batch_tokens
         self._retune(self.max_batch_tokens, batch_wait_timeout_s)
+        self._metrics: EncoderMetrics | None = None  # made on the first Serve request (needs a replica context)
 
     # -- configuration --------------------------------------------------------------------------------
 
@@ -110,6 +162,12 @@ class EncoderImpl:
 
     def ready(self) -> bool:
         return True
+
+    def stats(self) -> dict[str, float]:
+        """This replica's queue depth and batch totals so far (the same figures its Ray metrics export)."""
+        if self._metrics is None:  # no request yet
+            return {"queue_depth": 0, "batches": 0, "batch_texts": 0, "batch_tokens": 0, "max_wait_ms": 0.0}
+        return self._metrics.snapshot()
 
     # -- encoding -------------------------------------------------------------------------------------
 
@@ -166,6 +224,8 @@ class EncoderImpl:
 
     @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.005, max_concurrent_batches=1, batch_size_fn=batch_tokens)
     async def _run(self, items: list[Item]) -> list[np.ndarray]:
+        if self._metrics is not None:
+            self._metrics.batch(items, time.monotonic())
         pooled = await asyncio.to_thread(self._compute, items)
         return list(pooled)
 
@@ -178,8 +238,17 @@ class EncoderImpl:
         `dimensions` (Matryoshka) keeps the first N of the model's dimensions; `normalize` overrides the config.
         Tokenisation runs in a worker thread: the replica's event loop keeps taking requests meanwhile.
         """
-        items = await asyncio.to_thread(self._items, inputs, kind, instruction, truncate, dimensions)
-        pooled = await asyncio.gather(*(self._run(item) for item in items))
+        if self._metrics is None:
+            self._metrics = EncoderMetrics()
+        self._metrics.enqueued(len(inputs))
+        try:
+            items = await asyncio.to_thread(self._items, inputs, kind, instruction, truncate, dimensions)
+            queued = time.monotonic()
+            for item in items:
+                item.queued_at = queued
+            pooled = await asyncio.gather(*(self._run(item) for item in items))
+        finally:
+            self._metrics.dequeued(len(inputs))
         return self._result(items, pooled, dimensions, normalize)
 
     def embed_unbatched(self, inputs: list[str] | list[list[int]], kind: Kind = "document", instruction: str | None = None,
