@@ -139,7 +139,7 @@ def run_ours(args: dict[str, Any], requests, clients: list[int], duration: float
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name="bench", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
-        wait_ready(f"{url}/healthz")
+        wait_ready(f"{url}/readyz")
         wait_ready(f"{url}/v1/models")
         return {c: asyncio.run(closed_loop(f"{url}/v1/embeddings", requests, c, duration, "bench"))
                 for c in clients}

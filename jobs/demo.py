@@ -185,9 +185,9 @@ def serve_and_query(cfg, queries: list[str], top_k: int) -> None:
     args = ServeArgs.from_dict({"embedder": {"model": "all-MiniLM-L6-v2"}, "store": cfg.store.model_dump(mode="json")})
     try:
         serve.run(app_builder(args), name="demo", route_prefix="/", blocking=False)
-        while True:  # /healthz answers 503 until encoder, retriever and Qdrant are ready
+        while True:  # /readyz answers 503 until encoder, retriever and Qdrant are ready
             try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=5) as response:
                     if response.status == 200:
                         break
             except OSError:

@@ -124,8 +124,8 @@ def test_serve_deploy_config_on_the_cluster(head_node, embedded, minilm, tmp_pat
 
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
-        while True:  # RUNNING means replicas are up; /healthz also waits for the encoder and Qdrant
-            health = httpx.get(f"{base}/healthz", timeout=10)
+        while True:  # RUNNING means replicas are up; /readyz also waits for the encoder and Qdrant
+            health = httpx.get(f"{base}/readyz", timeout=10)
             if health.status_code == 200 or time.monotonic() > deadline:
                 break
             time.sleep(1)

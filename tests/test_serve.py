@@ -72,12 +72,12 @@ def server(ray_cluster, tmp_path_factory):
     deadline = time.time() + 120
     while True:
         try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
         if time.time() > deadline:
-            pytest.fail("the serving app did not become healthy in 120 s")
+            pytest.fail("the serving app did not become ready in 120 s")
         time.sleep(0.5)
     yield url
     serve.shutdown()
@@ -187,10 +187,12 @@ def test_auth(server, client):
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{server}/v1/models").status_code == 401
     assert client.post("/v1/embeddings", json=body).status_code == 200
-    models = client.get("/v1/models").json()
-    assert models["data"][0]["id"] == "all-MiniLM-L6-v2" and models["data"][0]["dimension"] == 384
-    health = httpx.get(f"{server}/healthz")  # no key needed
-    assert health.status_code == 200 and health.json()["store"]["points"] > 0
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["id"] == "all-MiniLM-L6-v2" and card["dimensions"] == 384 and card["max_tokens"] == 64
+    health = httpx.get(f"{server}/healthz")  # no key needed; liveness only
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    ready = httpx.get(f"{server}/readyz")  # no key needed
+    assert ready.status_code == 200 and ready.json()["store"]["points"] > 0
 
 
 @pytest.mark.parametrize(
@@ -200,11 +202,23 @@ def test_auth(server, client):
         ("/v1/embeddings", {"input": ""}, 422),
         ("/v1/embeddings", {"input": "  "}, 422),
         ("/v1/embeddings", {"input": 5}, 422),
-        ("/v1/embeddings", {"input": [1, 2]}, 422),
+        ("/v1/embeddings", {"input": [1, "a"]}, 422),  # mixed lists
+        ("/v1/embeddings", {"input": ["a", 1]}, 422),
+        ("/v1/embeddings", {"input": [[1], "a"]}, 422),
+        ("/v1/embeddings", {"input": [-1]}, 422),  # token ids are >= 0
+        ("/v1/embeddings", {"input": [[]]}, 422),
+        ("/v1/embeddings", {"input": [1.5]}, 422),
+        ("/v1/embeddings", {"input": [10**9]}, 422),  # beyond the vocabulary
+        ("/v1/embeddings", {"input": "a", "input_type": "passage"}, 422),
+        ("/v1/embeddings", {"input": "a", "instruction": "Find"}, 422),  # instructions are for queries
+        ("/embed", {"inputs": "a", "input_type": "document", "instruction": "Find"}, 422),
+        ("/embed", {"inputs": "a", "normalize": False, "encoding_format": "uint8"}, 422),
+        ("/embed", {"inputs": [[1]] * 9}, 413),
+        ("/embed", {"inputs": [[1] * 5001]}, 413),
         ("/v1/embeddings", {"input": ["a", None]}, 422),
         ("/v1/embeddings", {}, 422),
         ("/v1/embeddings", [1, 2], 422),
-        ("/v1/embeddings", {"input": "a", "encoding_format": "int8"}, 422),
+        ("/v1/embeddings", {"input": "a", "encoding_format": "int4"}, 422),
         ("/v1/embeddings", {"input": "a", "dimensions": 10_000}, 422),
         ("/v1/embeddings", {"input": "a", "dimensions": 0}, 422),
         ("/v1/embeddings", {"input": ["a"] * 9}, 413),
@@ -233,6 +247,72 @@ def test_bad_inputs_are_4xx_json(client, route, body, status):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error"
+    assert error["request_id"] == r.headers["x-request-id"]
+
+
+def content_ids(embedder, texts: list[str]) -> list[list[int]]:
+    """The served model's token ids of `texts`, without special tokens (what a client tokenising itself sends)."""
+    return [embedder.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_token_ids_embed_like_text(client, embedder):
+    texts = ["The castle stands on the hill.", "A short one."]
+    want = embedder.encode_documents(texts)
+    ids = content_ids(embedder, texts)
+    batch = client.post("/v1/embeddings", json={"input": ids})
+    assert batch.status_code == 200, batch.text
+    np.testing.assert_allclose([d["embedding"] for d in batch.json()["data"]], want, atol=1e-5)
+    one = client.post("/v1/embeddings", json={"input": ids[0]})  # a flat list is one tokenised input
+    assert len(one.json()["data"]) == 1
+    np.testing.assert_allclose(one.json()["data"][0]["embedding"], want[0], atol=1e-5)
+    text_usage = client.post("/v1/embeddings", json={"input": texts}).json()["usage"]
+    assert batch.json()["usage"] == text_usage  # the same tokens, special tokens included
+    query = client.post("/embed", json={"inputs": ids[:1], "instruction": "Find a place"})
+    np.testing.assert_allclose(query.json()[0], embedder.encode_queries(texts[:1], instruction="Find a place")[0],
+                               atol=1e-5)
+    oov = client.post("/v1/embeddings", json={"input": [[1, 2], [5, 30522]]})
+    assert oov.status_code == 422 and oov.json()["error"]["code"] == "invalid_token_ids"
+
+
+def test_input_type(client, embedder):
+    q = client.post("/v1/embeddings", json={"input": ["castle"], "input_type": "query"}).json()
+    np.testing.assert_allclose(q["data"][0]["embedding"], embedder.encode_queries(["castle"])[0], atol=1e-5)
+    qi = client.post("/v1/embeddings", json={"input": "castle", "input_type": "query", "instruction": "Find a place"})
+    np.testing.assert_allclose(qi.json()["data"][0]["embedding"],
+                               embedder.encode_queries(["castle"], instruction="Find a place")[0], atol=1e-5)
+    e = client.post("/embed", json={"inputs": "castle", "input_type": "query"}).json()
+    np.testing.assert_allclose(e[0], embedder.encode_queries(["castle"])[0], atol=1e-5)
+    d = client.post("/embed", json={"inputs": "castle", "input_type": "document"}).json()
+    np.testing.assert_allclose(d[0], embedder.encode_documents(["castle"])[0], atol=1e-5)
+
+
+def assert_codes_match(got: list, want: list, fmt: str) -> None:
+    """Served codes equal local ones up to float noise: an int8 coordinate at a rounding edge may move by one
+    step, a coordinate at 0 may flip one sign bit."""
+    got, want = np.array(got), np.array(want)
+    if fmt.endswith("int8"):
+        assert np.abs(got - want).max() <= 1, fmt
+    else:
+        offset = 128 if fmt == "binary" else 0
+        bits = [np.unpackbits((x + offset).astype(np.uint8), axis=-1) for x in (got, want)]
+        assert (bits[0] != bits[1]).sum(axis=-1).max() <= 1, fmt
+
+
+def test_quantized_formats(client, embedder):
+    from diffembed.serving import quantize
+
+    texts = ["The castle stands on the hill.", "A short one."]
+    full = embedder.encode_documents(texts)
+    short = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    for fmt in ("int8", "uint8", "binary", "ubinary"):
+        got = client.post("/v1/embeddings", json={"input": texts, "encoding_format": fmt}).json()["data"]
+        assert_codes_match([row["embedding"] for row in got], quantize.encode(full, fmt), fmt)
+        assert len(got[0]["embedding"]) == (384 if fmt.endswith("int8") else 48)
+        tei = client.post("/embed", json={"inputs": texts, "encoding_format": fmt, "dimensions": 64}).json()
+        assert len(tei[0]) == (64 if fmt.endswith("int8") else 8)
+        assert_codes_match(tei, quantize.encode(short, fmt), fmt)
+    b64 = client.post("/embed", json={"inputs": texts, "encoding_format": "base64"}).json()
+    np.testing.assert_allclose(np.stack([np.frombuffer(base64.b64decode(s), "<f4") for s in b64]), full, atol=1e-5)
 
 
 LONG_INSTRUCTION = "Find the passage that best answers this question about " + "word " * 70  # > max_length 64
@@ -280,6 +360,12 @@ def test_invalid_json_and_unknown_route(client):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = client.post("/v1/embeddings", content=b"\xff\xfe", headers={"content-type": "application/json"})
     assert r.status_code == 400
+    r = client.post("/v1/embeddings", content=b'{"input": "a lone \\ud800 surrogate"}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    pair = client.post("/v1/embeddings", content=b'{"input": "an emoji \\ud83d\\ude00 is fine"}',
+                       headers={"content-type": "application/json"})
+    assert pair.status_code == 200, pair.text
     r = client.get("/nope")
     assert r.status_code == 404 and "error" in r.json()
 

@@ -168,6 +168,27 @@ def test_client_error_statuses():
     assert status(KeyError("a bug")) is None  # internal: a 500
 
 
+def test_overload_timeout_and_lost_replicas_are_not_500s():
+    """A full queue is a 429 carrying its Retry-After; a lost deployment or the request deadline a 503."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    from diffembed.serving.errors import Overloaded
+    from diffembed.serving.ingress import client_error
+
+    busy = client_error(Overloaded("the encoder is at capacity", retry_after_s=2.5))
+    assert (busy.status, busy.type, busy.code, busy.retry_after_s) == (429, "overloaded_error", "overloaded", 2.5)
+    # Serve's own error, as the retriever's call to the encoder raises it (wrapped once more by Ray)
+    raw = BackPressureError(num_queued_requests=3, max_queued_requests=1, status_code=429, retry_after_s=4)
+    wrapped = client_error(RayTaskError("search", "tb", raw).as_instanceof_cause())
+    assert (wrapped.status, wrapped.code, wrapped.retry_after_s) == (429, "overloaded", 4)
+    assert (client_error(TimeoutError()).status, client_error(TimeoutError()).code) == (503, "timeout")
+    gone = client_error(DeploymentUnavailableError(DeploymentID(name="Encoder", app_name="x")))
+    assert (gone.status, gone.code) == (503, "replica_unavailable")
+    assert client_error(ActorDiedError()).status == 503
+
+
 @pytest.mark.parametrize(
     "flt,ok",
     [
@@ -186,7 +207,7 @@ def test_client_error_statuses():
 def test_search_request_filter_schema(flt, ok):
     from pydantic import ValidationError
 
-    from diffembed.serving.ingress import SearchRequest
+    from diffembed.serving.api import SearchRequest
 
     if ok:
         assert SearchRequest.model_validate({"query": "q", "filter": flt}).filter == flt

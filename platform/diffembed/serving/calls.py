@@ -40,8 +40,9 @@ def overloaded(exc: BaseException) -> Overloaded | None:
         return cause
     if isinstance(cause, BackPressureError):
         retry = getattr(cause, "retry_after_s", None) or 1.0
-        return Overloaded(f"the server is at capacity ({cause.message if hasattr(cause, 'message') else cause}); "
-                          "retry later", retry_after_s=float(retry))
+        queued = getattr(cause, "args", ())[:2]
+        detail = f" ({queued[0]} requests already queued)" if len(queued) == 2 else ""
+        return Overloaded(f"the server is at capacity{detail}; retry later", retry_after_s=float(retry))
     return None
 
 

@@ -278,12 +278,18 @@ class EncoderImpl:
 
 
 def encoder_deployment(args) -> serve.Deployment:
-    """The Encoder deployment, sized from `ServeArgs.encoder`."""
+    """The Encoder deployment, sized from `ServeArgs.encoder`. Its queue is bounded: beyond
+    `max_queued_requests` waiting calls, a caller's handle raises BackPressureError at once (the ingress answers
+    429 with Retry-After) instead of letting latency grow without bound."""
+    from ray.serve.config import BackpressureConfig
+
     enc = args.encoder
     options: dict[str, Any] = {
         "name": "Encoder",
         "ray_actor_options": enc.ray_actor_options(),
         "max_ongoing_requests": enc.max_ongoing_requests,
+        "max_queued_requests": enc.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=args.retry_after_s),
         "user_config": {"max_batch_tokens": enc.max_batch_tokens, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
         "health_check_period_s": 10,
     }
