@@ -289,7 +289,7 @@ def test_input_type(client, embedder):
 def assert_codes_match(got: list, want: list, fmt: str) -> None:
     """Served codes equal local ones up to float noise: an int8 coordinate at a rounding edge may move by one
     step, a coordinate at 0 may flip one sign bit."""
-    got, want = np.array(got), np.array(want)
+    got, want = np.array(got, dtype=np.int64), np.array(want, dtype=np.int64)
     if fmt.endswith("int8"):
         assert np.abs(got - want).max() <= 1, fmt
     else:

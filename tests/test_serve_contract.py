@@ -98,10 +98,10 @@ def test_binary_hamming_tracks_the_angle():
 
 def test_encode_formats():
     x = unit_vectors(2, 16, 7)
-    assert quantize.encode(x, "float") == x.tolist()
+    assert [row.tolist() for row in quantize.encode(x, "float")] == x.tolist()
     decoded = [np.frombuffer(base64.b64decode(s), dtype="<f4") for s in quantize.encode(x, "base64")]
     np.testing.assert_array_equal(np.stack(decoded), x)
-    assert quantize.encode(x, "int8") == quantize.to_int8(x).tolist()
+    assert [row.tolist() for row in quantize.encode(x, "int8")] == quantize.to_int8(x).tolist()
     assert all(len(row) == 2 for row in quantize.encode(x, "binary"))  # ceil(16 / 8)
 
 

@@ -29,6 +29,7 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -48,6 +49,14 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate (lone or paired)
 READY_TTL_S = 1.0  # /readyz answers from a check at most this old
 READY_TIMEOUT_S = 2.0  # each readiness check (Serve's status, the store) gets this long
+
+
+class VectorJSONResponse(JSONResponse):
+    """JSON through orjson: numpy rows are written directly (float32 at its shortest exact repr), several times
+    faster than `json.dumps` over `tolist()` floats and about half the bytes."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class APIError(Exception):
@@ -175,7 +184,7 @@ class IngressImpl:
             if auth:
                 self._check_auth(request)
             result = await handler()
-            response = result if isinstance(result, Response) else JSONResponse(result)
+            response = result if isinstance(result, Response) else VectorJSONResponse(result)
             response = with_request_id(request, response)
         except Exception as exc:
             response = self._failure(request, route, exc)
@@ -366,7 +375,7 @@ class IngressImpl:
             self._instruction(req.instruction)
             result = await self._embed(inputs, kind=req.kind, instruction=req.instruction, truncate=req.truncate,
                                        dimensions=req.dimensions, normalize=req.normalize)
-            return JSONResponse(encode(result.vectors, req.encoding_format))
+            return VectorJSONResponse(encode(result.vectors, req.encoding_format))
 
         return await self._serve(request, "/embed", handle)
 

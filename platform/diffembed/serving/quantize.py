@@ -62,12 +62,13 @@ def to_binary(vectors: np.ndarray) -> np.ndarray:
 
 
 def encode(vectors: np.ndarray, encoding_format: EncodingFormat) -> list:
-    """One JSON value per row of `vectors` (N, D) float32: a list of floats, a base64 string of little-endian
-    float32 (OpenAI's `base64`), or a list of integers for the quantized formats."""
+    """One JSON value per row of `vectors` (N, D) float32: a float32 row, a base64 string of little-endian
+    float32 (OpenAI's `base64`), or an integer row for the quantized formats. Rows stay numpy arrays: the
+    ingress writes them with orjson (`OPT_SERIALIZE_NUMPY`); `.tolist()` a row for other JSON writers."""
     vectors = np.asarray(vectors, dtype=np.float32)
     if encoding_format == "float":
-        return vectors.tolist()
+        return list(vectors)
     if encoding_format == "base64":
         return [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
     codes = {"int8": to_int8, "uint8": to_uint8, "binary": to_binary, "ubinary": to_ubinary}[encoding_format]
-    return codes(vectors).tolist()
+    return list(codes(vectors))
