@@ -93,6 +93,40 @@ async def closed_loop(url: str, requests: list[list[str]], clients: int, duratio
     return summary(latencies, texts, errors, elapsed)
 
 
+PROCESSES = {"proxy": "ray::ProxyActor", "ingress": "ServeReplica:bench:Ingress",
+             "encoder": "ServeReplica:bench:Encoder", "infinity": "infinity_emb"}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system, all threads) used so far by each serving process, and by this client."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {name: 0.0 for name in PROCESSES}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        for name, marker in PROCESSES.items():
+            if marker in cmd:
+                out[name] += (int(fields[11]) + int(fields[12])) / tick
+    usage = os.times()
+    out["client"] = usage.user + usage.system
+    return out
+
+
+def measured(run, *args) -> dict[str, float]:
+    """`run(*args)` (a closed loop) with the CPU time each process spent on it, per request, in ms."""
+    before = cpu_seconds()
+    result = run(*args)
+    after = cpu_seconds()
+    result["cpu_ms_per_request"] = {k: (after[k] - before[k]) * 1000 / max(result["requests"], 1)
+                                    for k in after if after[k] > before[k]}
+    return result
+
+
 def wait_ready(url: str, timeout: float = 300, proc: subprocess.Popen | None = None) -> None:
     import httpx
 
@@ -141,7 +175,7 @@ def run_ours(args: dict[str, Any], requests, clients: list[int], duration: float
         url = f"http://127.0.0.1:{port}"
         wait_ready(f"{url}/readyz")
         wait_ready(f"{url}/v1/models")
-        return {c: asyncio.run(closed_loop(f"{url}/v1/embeddings", requests, c, duration, "bench"))
+        return {c: measured(asyncio.run, closed_loop(f"{url}/v1/embeddings", requests, c, duration, "bench"))
                 for c in clients}
     finally:
         serve.shutdown()
@@ -160,7 +194,8 @@ def run_infinity(binary: str, extra: str, requests, clients: list[int], duration
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", proc=proc)
-        return {c: asyncio.run(closed_loop(f"http://127.0.0.1:{port}/embeddings", requests, c, duration, "bench"))
+        return {c: measured(asyncio.run, closed_loop(f"http://127.0.0.1:{port}/embeddings", requests, c, duration,
+                                                     "bench"))
                 for c in clients}
     except Exception:
         log.seek(0)
@@ -236,6 +271,12 @@ def main() -> None:
                 ratio = f"{r['texts_per_s'] / results['infinity'][c]['texts_per_s']:.2f}"
             print(f"{name:<10}{c:>8}{r['texts_per_s']:>10.1f}{r['p50_ms']:>10.0f}{r['p99_ms']:>10.0f}"
                   f"{r['errors']:>8}{ratio:>8}")
+    print("CPU ms per request by process (where the time goes):")
+    for c in args.clients:
+        for name in ("infinity", "ours"):
+            if name in results:
+                cells = ", ".join(f"{k} {v:.0f}" for k, v in results[name][c]["cpu_ms_per_request"].items())
+                print(f"  {name:<9}{c:>3} clients: {cells}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
 
