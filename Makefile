@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 TEST_CACHE_ENV = DIFFEMBED_CACHE="$$run/diffembed" HF_HOME="$$run/huggingface" HF_HUB_CACHE="$$run/huggingface/hub" \
 	XDG_CACHE_HOME="$$run/xdg/cache" XDG_CONFIG_HOME="$$run/xdg/config" XDG_DATA_HOME="$$run/xdg/data" \
 	XDG_STATE_HOME="$$run/xdg/state" TORCH_HOME="$$run/torch" TORCH_EXTENSIONS_DIR="$$run/torch_extensions" \
-	TRITON_CACHE_DIR="$$run/triton" MPLCONFIGDIR="$$run/matplotlib" MTEB_CACHE="$$run/mteb" \
+	TRITON_CACHE_DIR="$$run/triton" TORCHINDUCTOR_CACHE_DIR="$$run/torchinductor" MPLCONFIGDIR="$$run/matplotlib" MTEB_CACHE="$$run/mteb" \
 	RAY_AUTH_TOKEN_PATH="$$run/ray/auth_token"
 
 test: install

@@ -27,6 +27,7 @@ HERMETIC_VARS = {
     "TORCH_HOME": "torch",
     "TORCH_EXTENSIONS_DIR": "torch_extensions",  # DeepSpeed JIT-compiles its CPU shm comm op here
     "TRITON_CACHE_DIR": "triton",
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",  # torch.compile's kernels (otherwise /tmp/torchinductor_<user>)
     "MPLCONFIGDIR": "matplotlib",  # font cache (otherwise ~/.config/matplotlib or ~/.cache/matplotlib)
     "MTEB_CACHE": "mteb",  # otherwise ~/.cache/mteb
     "RAY_AUTH_TOKEN_PATH": "ray/auth_token",  # a local ray.init() with token auth writes ~/.ray/auth_token otherwise

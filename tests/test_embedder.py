@@ -158,3 +158,22 @@ def test_bad_texts_name_the_index(minilm, bad, index):
 def test_a_bare_string_is_rejected(minilm):
     with pytest.raises(ValueError, match="list of strings"):
         minilm.encode_documents("not a list")
+
+
+def test_compiled_inference_equals_eager():
+    """`compile: true` runs inference through torch.compile (built by warm_up) with the same vectors; a forward
+    with autograd on (training) uses the plain module."""
+    import torch
+
+    texts = ["The harbour is calm at night.", "A lighthouse on the cliff " * 6, "short"]
+    eager = Embedder(EmbedderConfig(model="all-MiniLM-L6-v2", max_length=32))
+    compiled = Embedder(EmbedderConfig(model="all-MiniLM-L6-v2", max_length=32, compile=True),
+                        backbone=eager.backbone)
+    compiled.warm_up()
+    assert compiled._inference_model is not compiled.model
+    np.testing.assert_allclose(compiled.encode_documents(texts), eager.encode_documents(texts), atol=1e-5)
+    np.testing.assert_allclose(compiled.encode_queries(texts[:2]), eager.encode_queries(texts[:2]), atol=1e-5)
+    batch = compiled.collate(compiled.document_segments(texts[:1]))
+    with torch.enable_grad():
+        compiled.pooled(batch).sum().backward()  # the eager module: gradients reach the shared weights
+    assert any(p.grad is not None for p in compiled.model.parameters())

@@ -255,6 +255,11 @@ class EmbedderConfig(ConfigModel):
     )
     max_batch_size: int = Field(256, ge=1)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    compile: bool = Field(
+        False, description="Run inference through torch.compile (dynamic shapes): fused kernels, notably on CPU in "
+        "bf16. Compiles on the first call (tens of seconds; Serve replicas warm up before they take requests); "
+        "needs a C++ compiler on CPU. Training never uses the compiled module.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -286,7 +291,7 @@ EMBEDDING_FUNCTION_FIELDS = (
     "family", "attention", "pooling", "normalize", "query_template", "query_instruction",
     "exclude_instruction_from_pooling", "append_eos", "max_length", "documents", "dimensions",
 )
-RUNTIME_FIELDS = ("dtype", "device", "max_batch_tokens", "max_batch_size", "attn_implementation")
+RUNTIME_FIELDS = ("dtype", "device", "max_batch_tokens", "max_batch_size", "attn_implementation", "compile")
 
 # Keys of earlier versions (configs and exported diffembed.json files) and where they live now.
 LEGACY_WINDOWS = {"truncate": "first", "chunk": "mean"}

@@ -97,6 +97,8 @@ class Embedder:
         # wants an additive float mask and flash-attention a 2-D one, so they get the 2-D mask as before.
         self._key_padding_mask = (self.config.attention == "bidirectional"
                                   and getattr(self.model.config, "_attn_implementation", None) == "sdpa")
+        # Inference (no autograd) may run through a compiled module sharing the weights; training never does.
+        self._inference_model = torch.compile(self.model, dynamic=True) if self.config.compile else self.model
 
     # ---------------------------------------------------------------- tokenisation
 
@@ -329,7 +331,8 @@ class Embedder:
             # (B, 1, 1, T): every query attends to the real keys; padded queries' outputs are never pooled. Given
             # ready-made, transformers uses it as-is: no (B, 1, T, T) mask is built and no host sync checks it.
             mask = mask.bool()[:, None, None, :]
-        out = self.model(input_ids=batch["input_ids"], attention_mask=mask)
+        model = self.model if torch.is_grad_enabled() else self._inference_model
+        out = model(input_ids=batch["input_ids"], attention_mask=mask)
         return pool(out.last_hidden_state, batch["attention_mask"], batch["pool_mask"], self.config.pooling)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -458,6 +461,19 @@ class Embedder:
 
         pooled = self._run(produce())
         return segments, pooled
+
+    def warm_up(self) -> None:
+        """Run a few batch shapes once, so that a compiled module (`compile: true`) has compiled before the first
+        real call; a compiler that cannot run is a ConfigError here, not a failed request later."""
+        texts = ["warm up", " ".join(["warm"] * (self.content_budget // 2))]
+        try:
+            for n in (1, 3):
+                self.encode_documents(texts * n)
+        except Exception as exc:
+            if not self.config.compile:
+                raise
+            raise ConfigError(f"compile: true, but torch.compile failed on this machine ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]}); set compile: false") from exc
 
     def finish(self, pooled: torch.Tensor, dimensions: int | None = None, normalize: bool | None = None) -> np.ndarray:
         """(N, H) pooled -> (N, D) float32 embeddings: Matryoshka truncation and normalisation as configured

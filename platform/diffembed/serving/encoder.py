@@ -125,6 +125,7 @@ class EncoderImpl:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
+        self.embedder.warm_up()  # compiled kernels (compile: true) are built before the replica takes requests
         # One token budget: a Serve batch holds what the Embedder runs in one forward pass, unless retuned.
         self.max_batch_tokens = max_batch_tokens or self.embedder.config.max_batch_tokens
         self._retune(self.max_batch_tokens, batch_wait_timeout_s)
