@@ -1,8 +1,10 @@
-"""Contrastive loss math: InfoNCE values, GradCache equivalence, and the cross-rank gather (2 gloo processes)."""
+"""Contrastive loss math: InfoNCE and Matryoshka values, GradCache equivalence, and the cross-rank gather (2 gloo
+processes)."""
 
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from diffembed.train.losses import gather_with_grad, grad_cache_step, info_nce, split_batch
+from diffembed.train.losses import gather_with_grad, grad_cache_step, info_nce, matryoshka_info_nce, split_batch
 
 
 def _np_info_nce(q, p, n, scale):
@@ -80,6 +82,26 @@ def test_gather_is_identity_without_process_group():
     assert_close(info_nce(t, t + 1, gather=True), info_nce(t, t + 1))
 
 
+def test_matryoshka_is_the_weighted_sum_over_renormalised_prefixes():
+    g = torch.Generator().manual_seed(3)
+    q, p, n = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(5, 2, 8, generator=g)
+    # Reference from the numpy InfoNCE on each prefix (it normalises the prefix itself).
+    expected = sum(
+        w * _np_info_nce(q[:, :d].double().numpy(), p[:, :d].double().numpy(),
+                         n.reshape(10, 8)[:, :d].double().numpy(), 20.0)
+        for d, w in ((2, 0.5), (4, 1.0), (8, 2.0))
+    )
+    loss = matryoshka_info_nce(q, p, n, dims=[2, 4, 8], weights=[0.5, 1.0, 2.0], scale=20.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    # The full width alone is InfoNCE; a prefix is not the full vector (the test can see the slicing).
+    assert_close(matryoshka_info_nce(q, p, n, dims=[8], scale=20.0), info_nce(q, p, n, scale=20.0))
+    assert abs(matryoshka_info_nce(q, p, n, dims=[2], scale=20.0).item() - info_nce(q, p, n, scale=20.0).item()) > 1e-3
+    with pytest.raises(ValueError, match="1..8"):
+        matryoshka_info_nce(q, p, n, dims=[4, 16])
+    with pytest.raises(ValueError, match="one weight per dim"):
+        matryoshka_info_nce(q, p, n, dims=[4, 8], weights=[1.0])
+
+
 def test_split_batch_dict():
     batch = {"input_ids": torch.arange(10).reshape(5, 2), "mask": torch.ones(5, 2), "task": "q"}
     chunks = split_batch(batch, 2)
@@ -138,6 +160,29 @@ def test_grad_cache_matches_plain_loss_with_dropout():
     assert not all(torch.allclose(w.grad, g) for w, g in zip(model.parameters(), plain_grads))
 
 
+MRL = functools.partial(matryoshka_info_nce, dims=[1, 2, 4], weights=[0.5, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("loss_fn", [info_nce, MRL], ids=["info_nce", "matryoshka"])
+def test_grad_cache_matches_plain_loss_per_loss(loss_fn):
+    """GradCache with any embedding-only loss: the cached-representation path gives the plain path's loss and
+    parameter gradients (dropout on, ragged chunks)."""
+    xq, xp, xn = _data()
+    groups = [split_batch(xq, 4), split_batch(xp, 4), split_batch(xn, 4)]
+    model = _model()
+    torch.manual_seed(0)
+    plain = loss_fn(*(torch.cat([model(c) for c in cs]) for cs in groups))  # (6, 4), (6, 4), (12, 4)
+    plain.backward()
+    plain_grads = [w.grad.clone() for w in model.parameters()]
+
+    model = _model()
+    torch.manual_seed(0)
+    cached = grad_cache_step(model, *groups, loss_fn=loss_fn)
+    assert_close(cached, plain.detach())
+    for w, g in zip(model.parameters(), plain_grads):
+        assert_close(w.grad, g)
+
+
 def test_grad_cache_routes_through_backward_fn_and_dict_inputs():
     xq, xp, _ = _data()
     model = _model().eval()
@@ -185,6 +230,9 @@ def _dist_worker(rank: int, store_path: str, out_dir: str) -> None:
         gathered = gather_with_grad(lq.detach())  # (WORLD * B, D)
         loss = info_nce(lq, lp, ln, gather=True)
         loss.backward()
+        mq, mp, mn = (t[rows].clone().requires_grad_() for t in (q, p, n))
+        mrl = MRL(mq, mp, mn, gather=True)  # one gather at full width, sliced per prefix
+        mrl.backward()
         try:  # unequal local batches must fail loudly on every rank, not hang
             info_nce(torch.randn(B + rank, D), torch.randn(B + rank, D), gather=True)
             unequal = "no error"
@@ -192,7 +240,7 @@ def _dist_worker(rank: int, store_path: str, out_dir: str) -> None:
             unequal = str(e)
         torch.save(
             {"gathered": gathered, "loss": loss.detach(), "gq": lq.grad, "gp": lp.grad, "gn": ln.grad,
-             "unequal": unequal},
+             "unequal": unequal, "mrl": mrl.detach(), "mq": mq.grad, "mp": mp.grad, "mn": mn.grad},
             f"{out_dir}/rank{rank}.pt",
         )
     finally:
@@ -222,3 +270,14 @@ def test_distributed_gather_loss_and_grads(tmp_path):
         assert_close(res[r]["gq"], WORLD * q.grad[rows])
         assert_close(res[r]["gp"], WORLD * p.grad[rows])
         assert_close(res[r]["gn"], WORLD * n.grad[rows])
+
+    # The same holds for the Matryoshka loss (gathered once, sliced per prefix).
+    gq, gp, gn = (t.clone().requires_grad_() for t in _global_batch())
+    mrl = MRL(gq, gp, gn)
+    mrl.backward()
+    assert_close(torch.stack([x["mrl"] for x in res]).mean(), mrl.detach())
+    for r in range(WORLD):
+        rows = slice(r * B, (r + 1) * B)
+        assert_close(res[r]["mq"], WORLD * gq.grad[rows])
+        assert_close(res[r]["mp"], WORLD * gp.grad[rows])
+        assert_close(res[r]["mn"], WORLD * gn.grad[rows])

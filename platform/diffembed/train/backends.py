@@ -50,6 +50,9 @@ class TorchBackend:
         import torch
 
         self.cfg, self.module, self.device = cfg, model, device
+        pooler = getattr(model, "pooler", None)
+        if isinstance(pooler, torch.nn.Module):  # our pooling reads hidden states: BERT's pooler never gets a
+            pooler.requires_grad_(False)  # gradient, and DDP refuses parameters that produce no loss
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = make_scheduler(cfg, self.optimizer)

@@ -40,6 +40,44 @@ class LossConfig(ConfigModel):
     grad_cache_chunk_size: int | None = Field(
         None, ge=1, description="Embed in chunks of this many texts with GradCache; None = one pass."
     )
+    matryoshka_dims: list[int] | None = Field(
+        None, description="Matryoshka (MRL): InfoNCE summed over these prefix sizes of the embedding, e.g. "
+        "[64, 128, 256], each prefix re-normalised; the full width is always added (weight 1) when not listed. "
+        "None: plain InfoNCE on the full vector.",
+    )
+    matryoshka_weights: list[float] | None = Field(
+        None, description="One weight per matryoshka_dims entry (default: all 1)."
+    )
+
+    @model_validator(mode="after")
+    def _check_matryoshka(self) -> Self:
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        if dims is None:
+            if weights is not None:
+                raise ValueError("loss.matryoshka_weights needs loss.matryoshka_dims")
+            return self
+        if not dims or any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+            raise ValueError(f"loss.matryoshka_dims must be distinct sizes >= 1; got {dims}")
+        if weights is not None and (len(weights) != len(dims) or any(w <= 0 for w in weights)):
+            raise ValueError(f"loss.matryoshka_weights must be {len(dims)} positive numbers, one per "
+                             f"matryoshka_dims entry; got {weights}")
+        return self
+
+    def matryoshka(self, width: int) -> list[tuple[int, float]] | None:
+        """(prefix size, weight) pairs for an embedding of `width` dimensions (the model's output: its hidden size,
+        or `embedder.dimensions`), ascending, the full width included; None without Matryoshka.
+        ConfigError when a size exceeds the width."""
+        from diffembed.config import ConfigError
+
+        if self.matryoshka_dims is None:
+            return None
+        too_wide = [d for d in self.matryoshka_dims if d > width]
+        if too_wide:
+            raise ConfigError(f"loss.matryoshka_dims {too_wide} exceed the embedding width {width} (the model's "
+                              "hidden size, or embedder.dimensions when set)")
+        pairs = dict(zip(self.matryoshka_dims, self.matryoshka_weights or [1.0] * len(self.matryoshka_dims)))
+        pairs.setdefault(width, 1.0)
+        return sorted(pairs.items())
 
 
 class OptimConfig(ConfigModel):
@@ -126,12 +164,17 @@ class TrainConfig(ConfigModel):
         return self.optim.global_batch_size // self.run.num_workers
 
     def check_files(self) -> None:
-        """Fail before Ray starts when an input file is missing."""
+        """Fail before Ray starts when an input file is missing, or (read from the model's config.json, no weights
+        loaded) when the Matryoshka sizes exceed the embedding width."""
         from diffembed.files import expand_files
 
         expand_files(self.data.train_files, "data.train_files")
         if self.eval.dev_files:
             expand_files(self.eval.dev_files, "eval.dev_files")
+        if self.loss.matryoshka_dims is not None:
+            from diffembed.batch.pipeline import model_dimension
+
+            self.loss.matryoshka(model_dimension(self.embedder))
 
     @property
     def run_uri(self) -> str:

@@ -2,6 +2,9 @@
 
 * `info_nce`: InfoNCE over in-batch negatives plus hard negatives, optionally across all data-parallel
   ranks (a bigger candidate pool is the main lever on embedding quality).
+* `matryoshka_info_nce`: Matryoshka representation learning (Kusupati et al., 2022) — weighted InfoNCE summed
+  over prefixes of the embedding (each prefix re-normalised), so a truncated vector (`dimensions`) is trained,
+  not just cut; the candidates are gathered once at full width and sliced.
 * `gather_with_grad`: the differentiable all-gather that makes the cross-rank candidates trainable.
 * `grad_cache_step`: GradCache (Gao et al., 2021) — the same loss and gradients as one big batch, with
   activation memory bounded by one chunk, so the global batch is not limited by device memory. Chunks may
@@ -17,7 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["gather_with_grad", "grad_cache_step", "in_input_order", "info_nce", "split_batch"]
+__all__ = [
+    "gather_with_grad", "grad_cache_step", "in_input_order", "info_nce", "matryoshka_info_nce", "split_batch",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 BackwardFn = Callable[[torch.Tensor, torch.Tensor], None]
@@ -62,6 +67,47 @@ def _check_equal_sizes(b: int, n: int, device: torch.device) -> None:
         )
 
 
+def _flat_negatives(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None
+                    ) -> torch.Tensor | None:
+    """Check shapes; hard negatives as (N, D) (from (B, K, D) or (N, D)), or None when there are none."""
+    if queries.dim() != 2 or positives.dim() != 2:
+        raise ValueError(f"queries and positives must be (B, D); got {tuple(queries.shape)}, {tuple(positives.shape)}")
+    if queries.shape != positives.shape:
+        raise ValueError(f"queries {tuple(queries.shape)} and positives {tuple(positives.shape)} must match")
+    b, d = queries.shape
+    if negatives is None:
+        return None
+    if negatives.dim() == 3:
+        if negatives.shape[0] != b:
+            raise ValueError(f"negatives (B, K, D) must have B={b}; got {tuple(negatives.shape)}")
+        negatives = negatives.reshape(-1, negatives.shape[-1])  # (B, K, D) -> (B*K, D)
+    elif negatives.dim() != 2:
+        raise ValueError(f"negatives must be (B, K, D) or (N, D); got {tuple(negatives.shape)}")
+    if negatives.shape[-1] != d:
+        raise ValueError(f"negatives have dim {negatives.shape[-1]}, queries {d}")
+    return negatives if negatives.shape[0] else None
+
+
+def _candidates(p: torch.Tensor, n: torch.Tensor | None, b: int, gather: bool) -> tuple[torch.Tensor, int]:
+    """The candidate pool (positives, then hard negatives; from every rank with `gather`) and the label offset."""
+    rank, world = _world()
+    offset = 0
+    if gather and world > 1:
+        _check_equal_sizes(b, 0 if n is None else n.shape[0], p.device)
+        p = gather_with_grad(p)  # (world * B, D)
+        if n is not None:
+            n = gather_with_grad(n)  # (world * N, D)
+        offset = rank * b
+    return (p if n is None else torch.cat([p, n], dim=0)), offset  # (P + N', D), P = B or world * B
+
+
+def _nce(q: torch.Tensor, candidates: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
+    """Cross-entropy of unit queries (B, D) against unit candidates (C, D); query i's target is row offset + i."""
+    logits = (q @ candidates.T) * scale  # (B, C)
+    labels = torch.arange(q.shape[0], device=q.device) + offset  # (B,) index of each query's own positive
+    return F.cross_entropy(logits, labels)
+
+
 def info_nce(
     queries: torch.Tensor,
     positives: torch.Tensor,
@@ -85,40 +131,48 @@ def info_nce(
 
     Math is done in float32 whatever the input dtype, since bf16 logits at scale 50 lose the ranking.
     """
-    if queries.dim() != 2 or positives.dim() != 2:
-        raise ValueError(f"queries and positives must be (B, D); got {tuple(queries.shape)}, {tuple(positives.shape)}")
-    if queries.shape != positives.shape:
-        raise ValueError(f"queries {tuple(queries.shape)} and positives {tuple(positives.shape)} must match")
-    b, d = queries.shape
-    if negatives is not None:
-        if negatives.dim() == 3:
-            if negatives.shape[0] != b:
-                raise ValueError(f"negatives (B, K, D) must have B={b}; got {tuple(negatives.shape)}")
-            negatives = negatives.reshape(-1, negatives.shape[-1])  # (B, K, D) -> (B*K, D)
-        elif negatives.dim() != 2:
-            raise ValueError(f"negatives must be (B, K, D) or (N, D); got {tuple(negatives.shape)}")
-        if negatives.shape[-1] != d:
-            raise ValueError(f"negatives have dim {negatives.shape[-1]}, queries {d}")
-        if negatives.shape[0] == 0:
-            negatives = None
-
+    negatives = _flat_negatives(queries, positives, negatives)
     q = F.normalize(queries.float(), dim=-1)  # (B, D)
     p = F.normalize(positives.float(), dim=-1)  # (B, D)
     n = None if negatives is None else F.normalize(negatives.float(), dim=-1)  # (N, D)
+    candidates, offset = _candidates(p, n, q.shape[0], gather)
+    return _nce(q, candidates, offset, scale)
 
-    rank, world = _world()
-    offset = 0
-    if gather and world > 1:
-        _check_equal_sizes(b, 0 if n is None else n.shape[0], q.device)
-        p = gather_with_grad(p)  # (world * B, D)
-        if n is not None:
-            n = gather_with_grad(n)  # (world * N, D)
-        offset = rank * b
 
-    candidates = p if n is None else torch.cat([p, n], dim=0)  # (P + N', D), P = B or world * B
-    logits = (q @ candidates.T) * scale  # (B, P + N')
-    labels = torch.arange(b, device=q.device) + offset  # (B,) index of each query's own positive
-    return F.cross_entropy(logits, labels)
+def matryoshka_info_nce(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    dims: Sequence[int] = (),
+    weights: Sequence[float] | None = None,
+    scale: float = 50.0,
+    gather: bool = False,
+) -> torch.Tensor:
+    """Σ_d w_d · InfoNCE on the first d dimensions (each prefix re-normalised): Matryoshka training.
+
+    Same inputs, candidates and cross-rank semantics as `info_nce`; `dims` are the prefix sizes (each in
+    1..D; include D itself to train the full vector, as `LossConfig.matryoshka` does) and `weights` one per
+    dim (default 1). The raw float32 embeddings are gathered once at full width and sliced per prefix, so
+    a rank does one all-gather whatever the number of dims. With `dims=[D]` this is exactly `info_nce`.
+    The loss is a function of the embeddings only, so GradCache (`grad_cache_step`) applies unchanged.
+    """
+    negatives = _flat_negatives(queries, positives, negatives)
+    b, d = queries.shape
+    dims = [int(x) for x in dims]
+    weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+    if not dims or len(weights) != len(dims):
+        raise ValueError(f"matryoshka needs one or more dims and one weight per dim; got dims={dims}, "
+                         f"weights={weights}")
+    if any(not 1 <= x <= d for x in dims):
+        raise ValueError(f"matryoshka dims {dims} must lie in 1..{d} (the embedding width)")
+    q = queries.float()  # (B, D)
+    candidates, offset = _candidates(positives.float(), None if negatives is None else negatives.float(), b, gather)
+    total = q.new_zeros(())
+    for dim, weight in zip(dims, weights):
+        qd = F.normalize(q[:, :dim], dim=-1)  # (B, d) prefix, re-normalised
+        cd = F.normalize(candidates[:, :dim], dim=-1)  # (C, d)
+        total = total + weight * _nce(qd, cd, offset, scale)
+    return total
 
 
 def split_batch(batch: Any, chunk_size: int) -> list[Any]:

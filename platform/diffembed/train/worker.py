@@ -87,13 +87,26 @@ def train_step(embedder, engine, q_segs, p_segs, n_segs, loss_fn, chunk: int | N
     return loss
 
 
+def make_loss(cfg: TrainConfig, width: int, gather: bool):
+    """`loss_fn(q, p, n)` of the config: InfoNCE, or its Matryoshka sum over `loss.matryoshka_dims` (the full
+    `width` included). ConfigError when a Matryoshka size exceeds the width of the loaded model's embeddings."""
+    from functools import partial
+
+    from diffembed.train.losses import info_nce, matryoshka_info_nce
+
+    prefixes = cfg.loss.matryoshka(width)
+    if prefixes is None:
+        return partial(info_nce, scale=cfg.loss.scale, gather=gather)
+    dims, weights = zip(*prefixes)
+    return partial(matryoshka_info_nce, dims=dims, weights=weights, scale=cfg.loss.scale, gather=gather)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import torch
 
     from diffembed.models.embedder import Embedder
-    from diffembed.train.losses import info_nce
 
     cfg = TrainConfig.model_validate(config["cfg"])
     plan = ray.get(config["plan"])
@@ -105,6 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_training_attention(device)
 
     embedder = Embedder(cfg.embedder.model_copy(update={"device": str(device)}))
+    loss_fn = make_loss(cfg, embedder.dimension, cfg.loss.gather_across_workers and world > 1)
     model = build_trainable(embedder, cfg)
     engine = make_backend(cfg, model, device, world)
     embedder.model = engine.model  # the Embedder's forward now runs through DeepSpeed / DDP
@@ -120,11 +134,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("rank %d resumed at step %d", rank, start_step)
 
     b = cfg.per_worker_batch_size
-    gather = cfg.loss.gather_across_workers and world > 1
     chunk = cfg.loss.grad_cache_chunk_size
-
-    def loss_fn(q, p, n):
-        return info_nce(q, p, n, scale=cfg.loss.scale, gather=gather)
 
     for step in range(start_step, cfg.optim.max_steps):
         if cfg.run.fail_at_step is not None and step == cfg.run.fail_at_step and attempt == 0 and rank == 0:

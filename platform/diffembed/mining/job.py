@@ -1,0 +1,391 @@
+"""Training pairs in, the same rows with mined hard negatives out (`negatives`, as the train job's
+`data.hard_negatives` reads them).
+
+The driver reads and checks the pairs (every bad row named `file:row`), and with `candidates.source: store` checks
+the collection (it exists, holds text, was embedded by this embedder) before Ray starts any work. Ray Data then runs
+the query side: an encoder actor pool (one model load per actor, as the batch job's) embeds each row's query and
+positive; a mining stage ranks candidates — the input's own positives by brute-force cosine (`exact`), or the
+collection through `store.search` (dense, BM25 or hybrid; one actor holds an embedded Edge store) — and picks the
+negatives (`pick_negatives`: rank window, false-negative filter, seeded draw). The driver writes the rows back in
+input order with every input field kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from diffembed.config import ConfigError, EmbedderConfig
+from diffembed.index.config import StoreConfig
+from diffembed.mining.config import MineNegativesConfig, NegativesConfig
+
+SCORE_DECIMALS = 5  # ranks are decided on rounded scores (ties by key): batching noise (~1e-7) cannot reorder them
+
+
+# ------------------------------------------------------------------------------------------ picking negatives
+
+
+@dataclass(frozen=True)
+class Candidate:
+    key: str  # one per document: the collection's doc_id, or the pool row of a positive text
+    text: str
+    score: float  # dense cosine with the query (the false-negative filter compares it with the positive's)
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def _norm(text: str) -> str:
+    return _SPACE.sub(" ", text).strip().casefold()
+
+
+def same_document(candidate: str, positive: str) -> bool:
+    """The candidate is the positive, a chunk of it, or holds it (whitespace and case aside)."""
+    c, p = _norm(candidate), _norm(positive)
+    return bool(c) and (c in p or p in c)
+
+
+def rank_candidates(candidates: list[Candidate], positive: str, positive_key: str | None = None) -> list[Candidate]:
+    """Best first; one per document and per text; never the positive's own document or its chunks."""
+    ranked = sorted(candidates, key=lambda c: (-round(c.score, SCORE_DECIMALS), c.key))
+    seen_keys, seen_texts, out = set(), set(), []
+    for c in ranked:
+        text = _norm(c.text)
+        if c.key in seen_keys or text in seen_texts or c.key == positive_key or same_document(c.text, positive):
+            continue
+        seen_keys.add(c.key)
+        seen_texts.add(text)
+        out.append(c)
+    return out
+
+
+def score_ceiling(positive_score: float, ratio: float) -> float:
+    """Scores at or above this are likely unlabelled positives: ratio × the positive's score (for a positive score
+    below 0, the same distance below it: positive − (1 − ratio)·|positive|)."""
+    return positive_score - (1.0 - ratio) * abs(positive_score)
+
+
+def row_seed(seed: int, query: str, positive: str) -> int:
+    """A generator seed from the row's content: the same row draws the same negatives in any batch or order."""
+    digest = hashlib.sha256(f"{seed}\x1f{query}\x1f{positive}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def pick_negatives(ranked: list[Candidate], positive_score: float, cfg: NegativesConfig, seed: int
+                   ) -> tuple[list[Candidate], int]:
+    """(negatives hardest first, candidates dropped by the false-negative filter) from `rank_candidates`' list."""
+    window = ranked[cfg.skip_top : cfg.skip_top + cfg.window]
+    ceiling = score_ceiling(positive_score, cfg.max_positive_ratio)
+    kept = [c for c in window if c.score < ceiling]
+    chosen = sorted(random.Random(seed).sample(range(len(kept)), min(cfg.per_query, len(kept))))
+    return [kept[i] for i in chosen], len(window) - len(kept)
+
+
+# ------------------------------------------------------------------------------------------ reading the pairs
+
+
+def _file_rows(path: str, fmt: str) -> Iterator[tuple[int, Any]]:
+    """(row number from 1, parsed row or an Exception) of a local file or URI."""
+    from diffembed.files import decode_lines, json_lines, open_input
+
+    kind = fmt if fmt != "auto" else ("parquet" if path.split("?", 1)[0].endswith((".parquet", ".pq")) else "jsonl")
+    try:
+        with open_input(path) as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except Exception as exc:  # not a Parquet file: one line, not pyarrow's context
+            raise ConfigError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        yield from enumerate(table.to_pylist(), start=1)
+        return
+    yield from json_lines(decode_lines(data))
+
+
+def _problem(row: Any) -> str | None:
+    """Why a row cannot be mined for, or None."""
+    if isinstance(row, Exception):
+        return str(row)
+    if not isinstance(row, dict):
+        return "row is not an object"
+    for key in ("query", "positive"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            return f"missing or empty {key!r}"
+    if row.get("instruction") is not None and not isinstance(row["instruction"], str):
+        return "'instruction' must be a string"
+    return None
+
+
+def read_rows(cfg: MineNegativesConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """The usable rows (every field kept) and `file:row: reason` of each bad one; ConfigError when asked to fail."""
+    from diffembed.files import expand_files
+
+    rows, bad = [], []
+    for path in expand_files(cfg.input.files, "input.files", folders=False):
+        for number, row in _file_rows(path, cfg.input.format):
+            problem = _problem(row)
+            if problem is None:
+                rows.append(row)
+            elif cfg.input.bad_rows == "fail":
+                raise ConfigError(f"{path}:{number}: bad training row: {problem} (input.bad_rows=skip skips it)")
+            else:
+                bad.append(f"{path}:{number}: {problem}")
+    if not rows:
+        raise ConfigError(f"no usable training rows in {', '.join(cfg.input.files)}")
+    return rows, bad
+
+
+# ------------------------------------------------------------------------------------------ the Ray Data stages
+
+
+class EncodePairs:
+    """A Ray Data actor: loads the Embedder once; each row's query vector (with its instruction) and positive vector
+    (one `first` window, as training embeds it), unit length."""
+
+    def __init__(self, embedder: dict[str, Any], threads: int):
+        import torch
+
+        from diffembed.models.embedder import Embedder
+
+        torch.set_num_threads(threads)  # Ray pins an actor to one thread otherwise (see the batch job)
+        self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        emb = self.embedder
+        queries, positives = list(batch["query"]), list(batch["positive"])
+        instructions = [i if isinstance(i, str) and i else None for i in batch["instruction"]]
+        q = emb.finish(emb.embed_segments(emb.query_segments(queries, instructions)))  # (b, D)
+        p = emb.finish(emb.embed_segments(emb.document_segments(positives, windows="first", spans=False)))  # (b, D)
+        q, p = _unit(q), _unit(p)
+        return {**batch, "q": q, "p": p, "positive_score": (q * p).sum(1)}  # positive_score: (b,)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class _Miner:
+    """What both mining stages share: candidates per row -> negatives and counts (one output row per input row)."""
+
+    def __init__(self, negatives: dict[str, Any]):
+        self.cfg = NegativesConfig.model_validate(negatives)
+
+    def candidates(self, batch: dict[str, np.ndarray], i: int) -> tuple[list[Candidate], str | None]:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        picked, dropped, scores = [], [], []
+        for i in range(len(batch["index"])):
+            query, positive = str(batch["query"][i]), str(batch["positive"][i])
+            found, positive_key = self.candidates(batch, i)
+            ranked = rank_candidates(found, positive, positive_key)
+            negatives, n_dropped = pick_negatives(ranked, float(batch["positive_score"][i]), self.cfg,
+                                                  row_seed(self.cfg.seed, query, positive))
+            picked.append(json.dumps([c.text for c in negatives]))
+            scores.append(json.dumps([c.score for c in negatives]))
+            dropped.append(n_dropped)
+        return {"index": batch["index"], "negatives": np.array(picked, dtype=object),
+                "negative_scores": np.array(scores, dtype=object), "dropped": np.array(dropped, dtype=np.int64),
+                "positive_score": batch["positive_score"]}
+
+
+class ExactMiner(_Miner):
+    """Candidates: the input's distinct positives, every one scored against the query (brute force, (b, N))."""
+
+    def __init__(self, negatives: dict[str, Any], pool: np.ndarray, texts: list[str], fetch: int):
+        super().__init__(negatives)
+        self.pool, self.texts, self.fetch = pool, texts, min(fetch, len(texts))
+        self.scores: np.ndarray | None = None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.scores = np.asarray(batch["q"], dtype=np.float32) @ self.pool.T  # (b, N)
+        return super().__call__(batch)
+
+    def candidates(self, batch: dict[str, np.ndarray], i: int) -> tuple[list[Candidate], str | None]:
+        row = self.scores[i]  # (N,)
+        top = np.argpartition(-row, self.fetch - 1)[: self.fetch] if self.fetch < len(row) else np.arange(len(row))
+        return [Candidate(str(j), self.texts[j], float(row[j])) for j in top], None
+
+
+class StoreMiner(_Miner):
+    """Candidates: the collection's top hits for the query (dense, BM25 or hybrid), each with its dense score."""
+
+    def __init__(self, negatives: dict[str, Any], store: dict[str, Any], mode: str, fetch: int,
+                 positive_id_field: str | None):
+        from diffembed.index.store import open_store
+
+        super().__init__(negatives)
+        self.store = open_store(StoreConfig.model_validate(store))
+        self.mode, self.fetch, self.id_field = mode, fetch, positive_id_field
+
+    def candidates(self, batch: dict[str, np.ndarray], i: int) -> tuple[list[Candidate], str | None]:
+        q = np.asarray(batch["q"][i], dtype=np.float32)  # (D,)
+        hits = self.store.search(q, str(batch["query"][i]), top_k=self.fetch, mode=self.mode)
+        dense = {(h.doc_id, h.chunk_index): h.score for h in hits} if self.mode == "dense" else self._dense(q, hits)
+        found = [Candidate(h.doc_id, str(h.payload.get("text") or ""), dense.get((h.doc_id, h.chunk_index), np.inf))
+                 for h in hits]  # a point without a dense score is never picked (inf is above any ceiling)
+        positive_key = None
+        if self.id_field:
+            positive_key = json.loads(str(batch["row"][i])).get(self.id_field)
+        return found, None if positive_key is None else str(positive_key)
+
+    def _dense(self, q: np.ndarray, hits: list) -> dict[tuple[str, int], float]:
+        """Dense scores of BM25 / hybrid hits: one dense search restricted to the hits' documents."""
+        chunks: dict[str, int] = {}
+        for h in hits:
+            chunks[h.doc_id] = max(chunks.get(h.doc_id, 1), int(h.payload.get("n_chunks", 1)))
+        if not chunks:
+            return {}
+        scored = self.store.search(q, None, top_k=sum(chunks.values()), mode="dense",
+                                   filter={"doc_id": sorted(chunks)})
+        return {(h.doc_id, h.chunk_index): h.score for h in scored}
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+def check_collection(cfg: MineNegativesConfig) -> StoreConfig:
+    """The collection as mining opens it (BM25 vectors on when it has them), checked on the driver: it exists, holds
+    points with their text, and was embedded by `cfg.embedder` (size, distance, embedding function)."""
+    from diffembed.batch.pipeline import model_dimension
+    from diffembed.index.fingerprint import embedding_fingerprint
+    from diffembed.index.store import open_store
+
+    store_cfg, mode = cfg.candidates.store, cfg.candidates.mode
+    with open_store(store_cfg) as store:
+        if not store.exists():
+            raise ConfigError(f"collection {store_cfg.collection!r} does not exist in the store; fill it with the "
+                              "batch job (jobs/embed_corpus.py) first")
+        stored = store.fingerprint()
+    sparse = bool(stored.get("sparse")) if stored else store_cfg.sparse or mode != "dense"
+    if mode != "dense" and not sparse:
+        raise ConfigError(f"candidates.mode={mode} needs a collection with BM25 vectors (batch job: store.sparse: "
+                          f"true); {store_cfg.collection!r} has none")
+    store_cfg = store_cfg.model_copy(update={"sparse": sparse})
+    dim = model_dimension(cfg.embedder)
+    with open_store(store_cfg) as store:
+        store.ensure_collection(dim, embedding_fingerprint(cfg.embedder, dim, store_cfg.distance, sparse))
+        first = next(iter(store.iter_points(batch_size=1)), [])
+        if not first:
+            raise ConfigError(f"collection {store_cfg.collection!r} is empty")
+        if not isinstance(first[0].payload.get("text"), str):
+            raise ConfigError(f"collection {store_cfg.collection!r} keeps no document text (it was embedded with "
+                              "store.store_text: false); mining needs it: re-embed with store_text: true")
+    return store_cfg
+
+
+def _table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What Ray Data carries per row: its position, the fields mining reads, and the whole row as JSON."""
+    return [{"index": i, "query": r["query"], "positive": r["positive"], "instruction": r.get("instruction") or "",
+             "row": json.dumps(r, default=str)} for i, r in enumerate(rows)]
+
+
+def _pool(encoded) -> tuple[np.ndarray, list[str]]:
+    """The exact candidate pool: each distinct positive text once (first occurrence), with its vector."""
+    vectors, texts, seen = [], [], set()
+    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+        for text, vec in zip(batch["positive"], batch["p"]):
+            if text not in seen:
+                seen.add(text)
+                texts.append(str(text))
+                vectors.append(np.asarray(vec, dtype=np.float32))
+    return np.stack(vectors), texts  # (N, D), N texts
+
+
+def _write_rows(output: str, rows: list[dict[str, Any]]) -> None:
+    """JSONL, one row per line, to a local path or a URI (written whole at the end: no half file on a failure)."""
+    from diffembed.files import is_uri, resolve
+
+    data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode()
+    if is_uri(output):
+        fs, inner = resolve(output)
+        with fs.open_output_stream(inner) as f:
+            f.write(data)
+        return
+    path = os.path.expanduser(output)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.partial"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
+    """Run the job on the current Ray cluster (started locally when none is); returns (and optionally writes) the
+    summary."""
+    import ray
+    import ray.data
+
+    from diffembed.batch.pipeline import actor_restarts_option
+
+    started = time.perf_counter()
+    rows, bad = read_rows(cfg)  # before Ray starts: bad input is one error line
+    store_cfg = check_collection(cfg) if cfg.candidates.source == "store" else None
+    if not ray.is_initialized():
+        ray.init()
+    threads = cfg.encode.torch_threads or max(1, (os.cpu_count() or 1) // cfg.encode.actors)
+    with actor_restarts_option():
+        encoded = ray.data.from_items(_table(rows)).map_batches(
+            EncodePairs, fn_constructor_kwargs={"embedder": cfg.embedder.model_dump(mode="json"), "threads": threads},
+            compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors), batch_size=cfg.encode.batch_size,
+            **cfg.encode.ray_remote_args(), max_restarts=cfg.encode.max_restarts, batch_format="numpy",
+        )
+        negatives = cfg.negatives.model_dump(mode="json")
+        if store_cfg is None:
+            encoded = encoded.materialize()  # the pool is every positive: all rows are encoded before any is mined
+            pool, texts = _pool(encoded)
+            mined = encoded.map_batches(
+                ExactMiner, fn_constructor_kwargs={"negatives": negatives, "pool": pool, "texts": texts,
+                                                   "fetch": cfg.fetch},
+                compute=ray.data.ActorPoolStrategy(size=1), batch_size=cfg.encode.batch_size, num_cpus=0,
+                batch_format="numpy", max_restarts=0,
+            )
+        else:
+            mined = encoded.map_batches(
+                StoreMiner, fn_constructor_kwargs={
+                    "negatives": negatives, "store": store_cfg.model_dump(mode="json"), "mode": cfg.candidates.mode,
+                    "fetch": cfg.fetch, "positive_id_field": cfg.candidates.positive_id_field},
+                compute=ray.data.ActorPoolStrategy(size=cfg.candidates.searchers if store_cfg.url else 1),
+                batch_size=cfg.encode.batch_size, num_cpus=0, batch_format="numpy", max_restarts=0,
+            )
+    by_index: dict[int, tuple[list[str], list[float], int, float]] = {}
+    for batch in mined.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, negs, scores, dropped, pos in zip(batch["index"], batch["negatives"], batch["negative_scores"],
+                                                 batch["dropped"], batch["positive_score"]):
+            by_index[int(i)] = (json.loads(negs), json.loads(scores), int(dropped), float(pos))
+    out = [{**row, "negatives": by_index[i][0]} for i, row in enumerate(rows)]
+    _write_rows(cfg.output, out)
+
+    counts = [len(by_index[i][0]) for i in range(len(rows))]
+    mined_scores = [s for i in range(len(rows)) for s in by_index[i][1]]
+    summary = {
+        "output": cfg.output,
+        "rows": len(rows),
+        "negatives": sum(counts),
+        "short_rows": sum(c < cfg.negatives.per_query for c in counts),  # fewer than per_query survived
+        "dropped_as_false_negatives": sum(by_index[i][2] for i in range(len(rows))),
+        "mean_positive_score": round(float(np.mean([by_index[i][3] for i in range(len(rows))])), 4),
+        "mean_negative_score": round(float(np.mean(mined_scores)), 4) if mined_scores else None,
+        "skipped_rows": len(bad),
+        "skipped_examples": bad[:10],
+        "candidates": cfg.candidates.source if store_cfg is None else f"store:{cfg.candidates.mode}",
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    if cfg.summary_path:
+        os.makedirs(os.path.dirname(os.path.abspath(os.path.expanduser(cfg.summary_path))), exist_ok=True)
+        with open(os.path.expanduser(cfg.summary_path), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
