@@ -248,3 +248,62 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, damage, args, message):
     assert job.main(["--config", str(path), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+# ------------------------------------------------------------------------------------------- fusion
+
+
+def test_fusion_config_rules():
+    base = {"tasks": [{"name": "p", "kind": "passkey"}]}
+    for retrieval, message in [
+        ({"backend": "qdrant", "mode": "dense", "fusion": "dbsf"}, "apply to retrieval.mode=hybrid only"),
+        ({"backend": "qdrant", "mode": "hybrid", "tune_fusion": True, "fusion": "rrf"}, "leave them unset"),
+        ({"backend": "qdrant", "mode": "hybrid", "fusion": "rrf", "dense_weight": 0.3}, "fusion weighted only"),
+        ({"backend": "qdrant", "mode": "hybrid", "fusion": "max"}, "fusion"),
+        ({"backend": "qdrant", "mode": "hybrid", "fusion_weights": [1.5]}, "fusion_weights"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            EvalConfig.from_dict({**base, "retrieval": retrieval})
+    ok = EvalConfig.from_dict({**base, "retrieval": {"backend": "qdrant", "mode": "hybrid", "fusion": "weighted",
+                                                      "dense_weight": 0.7}})
+    assert ok.retrieval.dense_weight == 0.7
+
+
+def test_cli_tune_fusion_end_to_end(ray_cluster, tmp_path, capsys):
+    """--tune-fusion on the sample (4 judged dev queries): the dev grid is reported, the best setting is stored with the
+    collection, the test split is scored with it, and a later hybrid search there uses it by default."""
+    from diffembed.index.config import StoreConfig
+    from diffembed.index.edge import EdgeStore
+    from diffembed.index.fusion import FusionSettings
+
+    sys.path.insert(0, str(EVALUATE.parent))
+    try:
+        import evaluate as job
+    finally:
+        sys.path.remove(str(EVALUATE.parent))
+    path = write_config(tmp_path, copy_sample(tmp_path), "retrieval: {top_k: 10, fusion_weights: [0.0, 0.5, 1.0]}")
+    assert job.main(["--config", str(path), "--tune-fusion"]) == 0
+    out = capsys.readouterr().out
+    assert "Fusion tuned on `b` split dev" in out and "| weighted (dense_weight 0.5) |" in out
+
+    results = load_results(tmp_path / "out")
+    tuned = results["fusion_tuning"]["b"]
+    assert [(r["fusion"], r["dense_weight"]) for r in tuned["grid"]] == [
+        ("rrf", None), ("dbsf", None), ("weighted", 0.0), ("weighted", 0.5), ("weighted", 1.0)]
+    assert tuned["queries"] == 4 and all(0.0 <= r["ndcg@10"] <= 1.0 for r in tuned["grid"])
+    best = max(r["ndcg@10"] for r in tuned["grid"])
+    assert tuned["chosen"]["ndcg_at_10"] == pytest.approx(best, abs=1e-6) and tuned["chosen"]["tuned_on"] == "b/dev"
+    assert results["retrieval"]["mode"] == "hybrid" and results["retrieval"]["fusion"]["b"]["fusion"] == tuned[
+        "chosen"]["fusion"]
+    assert "Fusion tuned on" in (tmp_path / "out" / "results.md").read_text()
+
+    chosen = FusionSettings.model_validate(tuned["chosen"])
+    with EdgeStore(StoreConfig(path=str(tmp_path / "out" / "qdrant"), collection="eval-eval-b", sparse=True)) as store:
+        assert store.search_settings() == chosen
+        emb = Embedder(EmbedderConfig())
+        text = "how are passages retrieved?"
+        vector = emb.encode_queries([text])[0]
+        default = store.search(vector, text, top_k=10, mode="hybrid")  # as the Serve retriever calls it
+        explicit = store.search(vector, text, top_k=10, mode="hybrid", fusion=chosen.fusion,
+                                dense_weight=chosen.dense_weight if chosen.fusion == "weighted" else None)
+        assert [(h.id, h.score) for h in default] == [(h.id, h.score) for h in explicit]

@@ -9,6 +9,9 @@ from pydantic import Field, model_validator
 from diffembed.batch.config import EncodeConfig
 from diffembed.config import ConfigModel, CustomResources, EmbedderConfig, ray_bundle, ray_options, repeated
 from diffembed.index.config import StoreConfig
+from diffembed.index.fusion import FusionMethod
+
+DEFAULT_FUSION_WEIGHTS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 TaskKind = Literal["beir", "passkey", "needle"]
 SYNTHETIC_KINDS = ("passkey", "needle")
@@ -100,6 +103,22 @@ class RetrievalConfig(ConfigModel):
         description="backend qdrant: keep what a collection already holds (a collection holding every document "
         "is searched as is). Only sound when model, chunking and data are unchanged; default: rebuild.",
     )
+    fusion: FusionMethod | None = Field(
+        None, description="mode hybrid: rrf, dbsf or weighted (dense_weight); None: the collection's stored "
+        "(tuned) setting, else rrf.",
+    )
+    dense_weight: float | None = Field(
+        None, ge=0.0, le=1.0, description="fusion weighted: the dense list's share (BM25 gets the rest).")
+    tune_fusion: bool = Field(
+        False, description="mode hybrid: before scoring, pick the fusion (rrf, dbsf, weighted x fusion_weights) "
+        "with the best nDCG@10 on each BEIR task's `tune_split`, store it with the task's collection (a later "
+        "hybrid search there uses it by default) and score the test split with it (`evaluate.py --tune-fusion`).",
+    )
+    tune_split: str = Field("dev", min_length=1, description="tune_fusion: the qrels split tuned on.")
+    fusion_weights: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_FUSION_WEIGHTS), min_length=1,
+        description="tune_fusion: the dense_weight values tried for weighted fusion.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -107,6 +126,15 @@ class RetrievalConfig(ConfigModel):
             raise ValueError(
                 f"retrieval.mode={self.mode} needs retrieval.backend=qdrant (the BM25 vectors live in Qdrant)"
             )
+        fusing = self.fusion is not None or self.dense_weight is not None or self.tune_fusion
+        if fusing and self.mode != "hybrid":
+            raise ValueError("retrieval.fusion, dense_weight and tune_fusion apply to retrieval.mode=hybrid only")
+        if self.tune_fusion and (self.fusion is not None or self.dense_weight is not None):
+            raise ValueError("retrieval.tune_fusion picks fusion and dense_weight itself; leave them unset")
+        if self.dense_weight is not None and self.fusion not in (None, "weighted"):
+            raise ValueError(f"retrieval.dense_weight applies to fusion weighted only (fusion is {self.fusion})")
+        if any(not 0.0 <= w <= 1.0 for w in self.fusion_weights):
+            raise ValueError("retrieval.fusion_weights must lie in [0, 1]")
         return self
 
 

@@ -27,16 +27,41 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fusion_label(setting: dict[str, Any]) -> str:
+    if setting.get("fusion") == "weighted":
+        return f"weighted (dense_weight {setting['dense_weight']:g})"
+    return str(setting.get("fusion"))
+
+
+def tuning_table(results: dict[str, Any]) -> str:
+    """`--tune-fusion`'s grid per task: each fusion's dev nDCG@10, the chosen one in bold."""
+    lines = []
+    for task, tuned in results.get("fusion_tuning", {}).items():
+        chosen = fusion_label(tuned["chosen"])
+        lines += [f"Fusion tuned on `{task}` split {tuned['split']} ({tuned['queries']} queries): **{chosen}**, "
+                  "stored with the collection.", "", "| fusion | dev nDCG@10 |", "|---|---:|"]
+        for row in tuned["grid"]:
+            label = fusion_label(row)
+            cell = _fmt(row["ndcg@10"])
+            lines.append(f"| {label} | {f'**{cell}**' if label == chosen else cell} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     r = results.get("retrieval", {})
     setup = f"model `{results['model']}`"
     if r:
         setup += (f" · backend {r['backend']} · mode {r['mode']} · documents {r['documents']['windows']} window(s)"
                   f" (max_length {r['max_length']})")
+        fusions = sorted({fusion_label(f) for f in r.get("fusion", {}).values()})
+        if fusions:
+            setup += f" · fusion {', '.join(fusions)}"
+    tuning = tuning_table(results)
     return (
         f"# Evaluation: {results['name']}\n\n{setup}\n\n"
         "Scores in percent; **bold** is the task's primary metric (nDCG@10 for retrieval datasets, "
-        "nDCG@1 for passkey and needle).\n\n" + markdown_table(results) + "\n"
+        "nDCG@1 for passkey and needle).\n\n" + markdown_table(results) + "\n" + (f"\n{tuning}" if tuning else "")
     )
 
 

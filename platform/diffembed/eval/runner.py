@@ -6,6 +6,12 @@ the store interface's `search`), and the run is scored with pytrec_eval. Long do
 job and the service: the embedder's document policy (`embedder.documents`) decides a document's vector(s) —
 its first window, its windows averaged, or every window with the document scored by its best one. Both
 backends rank by cosine similarity, so they agree on the same data.
+
+Hybrid search fuses dense and BM25 by `retrieval.fusion` (rrf, dbsf, weighted), or by the collection's stored
+setting. `retrieval.tune_fusion` first scores every fusion on each BEIR task's dev split from one pair of
+dense and BM25 lists per query (fused here with `diffembed.index.fusion.fuse`, which the stores' own fusion
+equals), stores the best with the task's collection and then scores the test split through the store, which
+now uses it by default.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from diffembed.config import ConfigError
 from diffembed.documents import best_hits, best_window_scores
 from diffembed.eval.beir import RetrievalData, load_beir
 from diffembed.eval.config import EvalConfig, TaskConfig
@@ -36,6 +43,21 @@ def load_tasks(cfg: EvalConfig) -> dict[str, RetrievalData]:
         for t in cfg.tasks
         if t.kind == "beir"
     }
+
+
+def load_tuning_tasks(cfg: EvalConfig) -> dict[str, RetrievalData]:
+    """With `retrieval.tune_fusion`: each BEIR task's tuning split (ConfigError when a task has none)."""
+    if not cfg.retrieval.tune_fusion:
+        return {}
+    split = cfg.retrieval.tune_split
+    out = {}
+    for t in cfg.tasks:
+        if t.kind != "beir":
+            continue
+        if split == t.split:
+            raise ConfigError(f"task {t.name!r}: tune_split {split!r} is the scored split; tune on another (dev)")
+        out[t.name] = load_beir(t.path, split, name=t.name)
+    return out
 
 
 def _texts(data: RetrievalData) -> tuple[list[str], list[str], list[str | None]]:
@@ -136,24 +158,79 @@ def search_run(cfg: EvalConfig, embedder, data: RetrievalData, store_cfg, instru
     if mode != "sparse":
         dense = embedder.encode_queries([data.queries[q] for q in qids], instruction=instruction)  # (Q, D)
     run: dict[str, dict[str, float]] = {}
+    # None: the collection's stored (tuned) fusion, as the service would search it
+    fusion = {"fusion": cfg.retrieval.fusion, "dense_weight": cfg.retrieval.dense_weight} if mode == "hybrid" else {}
     with open_store(store_cfg) as store:
         points = store.count()
         for i, qid in enumerate(qids):
             run[qid] = _best_chunk_per_doc(
-                store, None if dense is None else dense[i], data.queries[qid], top_k, mode, points
+                store, None if dense is None else dense[i], data.queries[qid], top_k, mode, points, fusion
             )
     return run
 
 
-def _best_chunk_per_doc(store, dense, text: str, top_k: int, mode: str, points: int) -> dict[str, float]:
+def _best_chunk_per_doc(store, dense, text: str, top_k: int, mode: str, points: int,
+                        fusion: dict[str, Any] | None = None) -> dict[str, float]:
     """Each document's best point, top_k documents; fetches more points until top_k documents are found."""
     limit = top_k * CHUNK_OVERFETCH
     while True:
-        hits = store.search(dense, text, top_k=limit, mode=mode)  # best first
+        hits = store.search(dense, text, top_k=limit, mode=mode, **(fusion or {}))  # best first
         best = best_hits(hits, top_k)
         if len(best) >= top_k or len(hits) < limit or limit >= points:
             return {hit.doc_id: hit.score for hit in best}
         limit *= 2
+
+
+def used_fusion(cfg: EvalConfig, store_cfg) -> dict[str, Any]:
+    """The fusion a hybrid `search_run` used: the config's, else the collection's stored one, else RRF."""
+    from diffembed.index.fusion import resolve
+    from diffembed.index.store import open_store
+
+    with open_store(store_cfg) as store:
+        used = resolve(store.search_settings(), cfg.retrieval.fusion, cfg.retrieval.dense_weight)
+    return used.model_dump(mode="json")
+
+
+def fusion_grid(cfg: EvalConfig) -> list[Any]:
+    """The settings `tune_fusion` tries, in tie-breaking order (rrf first: the default wins a tie)."""
+    from diffembed.index.fusion import FusionSettings
+
+    return [FusionSettings(fusion="rrf"), FusionSettings(fusion="dbsf")] + [
+        FusionSettings(fusion="weighted", dense_weight=w) for w in sorted(set(cfg.retrieval.fusion_weights))
+    ]
+
+
+def tune_fusion(cfg: EvalConfig, embedder, dev: RetrievalData, store_cfg, instruction: str | None = None
+                ) -> dict[str, Any]:
+    """Score every fusion of `fusion_grid` on the dev queries, store the best with the collection, return the grid.
+
+    Each query's dense and BM25 point lists are fetched once, as deep as a hybrid search prefetches them, and
+    fused here (`fuse_hits`, the stores' own fusion), then each document keeps its best point as in `search_run`.
+    """
+    from diffembed.index.store import HYBRID_PREFETCH, fuse_hits, open_store
+
+    top_k = cfg.retrieval.top_k
+    limit = top_k * CHUNK_OVERFETCH  # points a hybrid search asks for
+    qids = list(dev.queries)
+    dense = embedder.encode_queries([dev.queries[q] for q in qids], instruction=instruction)  # (Q, D)
+    grid = fusion_grid(cfg)
+    runs: list[dict[str, dict[str, float]]] = [{} for _ in grid]
+    with open_store(store_cfg) as store:
+        for i, qid in enumerate(qids):
+            text = dev.queries[qid]
+            dense_hits = store.search(dense[i], None, top_k=HYBRID_PREFETCH * limit, mode="dense")
+            sparse_hits = store.search(None, text, top_k=HYBRID_PREFETCH * limit, mode="sparse")
+            for run, settings in zip(runs, grid):
+                fused = fuse_hits(dense_hits, sparse_hits, settings, limit)
+                run[qid] = {h.doc_id: h.score for h in best_hits(fused, top_k)}
+        rows = [{"fusion": s.fusion, "dense_weight": s.dense_weight if s.fusion == "weighted" else None,
+                 "ndcg@10": evaluate(dev.qrels, run)["ndcg@10"]} for s, run in zip(grid, runs)]
+        best = max(range(len(grid)), key=lambda j: (rows[j]["ndcg@10"], -j))  # first of equals: rrf before others
+        chosen = grid[best].model_copy(update={"tuned_on": f"{dev.name}/{dev.meta.get('split')}",
+                                               "ndcg_at_10": round(rows[best]["ndcg@10"], 6)})
+        store.set_search_settings(chosen)
+    return {"split": dev.meta.get("split"), "queries": len(qids), "grid": rows,
+            "chosen": chosen.model_dump(mode="json")}
 
 
 # ------------------------------------------------------------------------------------------- the job
@@ -190,23 +267,26 @@ def run_evaluation(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """
     started = time.perf_counter()
     beir = load_tasks(cfg)  # ConfigError on bad data, before any model loads or any node is asked for
+    dev = load_tuning_tasks(cfg)
     if not cfg.compute.remote:
-        results = _evaluate_here(cfg, beir, progress)
+        results = _evaluate_here(cfg, beir, progress, dev)
     else:
         import ray
 
         if not ray.is_initialized():
             ray.init()
         task = ray.remote(max_retries=0, **cfg.compute.ray_remote_args())(_evaluate_here)
-        results = ray.get(task.remote(cfg, beir, progress))  # the data travels with the task
+        results = ray.get(task.remote(cfg, beir, progress, dev))  # the data travels with the task
         results["compute"] = {"ray_task": True, **cfg.compute.bundle()}
     results["wall_s"] = round(time.perf_counter() - started, 2)
     write_results(results, cfg.output_dir)
     return results
 
 
-def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bool = True) -> dict[str, Any]:
-    """The evaluation itself, wherever it runs; `beir` holds the BEIR tasks already read and checked."""
+def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bool = True,
+                   dev: dict[str, RetrievalData] | None = None) -> dict[str, Any]:
+    """The evaluation itself, wherever it runs; `beir` holds the BEIR tasks already read and checked, `dev`
+    their tuning splits (with `retrieval.tune_fusion`)."""
     from diffembed.models.embedder import Embedder
 
     embedder = Embedder(cfg.embedder)
@@ -214,6 +294,8 @@ def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bo
     primary: dict[str, tuple[str, float]] = {}
     timing: dict[str, float] = {}
     indexing: dict[str, dict[str, Any]] = {}
+    tuning: dict[str, dict[str, Any]] = {}
+    fusion_used: dict[str, dict[str, Any]] = {}
     for task in cfg.tasks:
         entries = []
         for data in _datasets(task, beir, embedder.tokenizer):
@@ -223,7 +305,15 @@ def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bo
             else:
                 store_cfg = store_config(cfg, data.name)
                 indexing[data.name] = index_corpus(cfg, data, store_cfg)
+                if dev and task.name in dev:
+                    tuning[data.name] = tune_fusion(cfg, embedder, dev[task.name], store_cfg, task.instruction)
+                    if progress:
+                        chosen = tuning[data.name]["chosen"]
+                        print(f"tune {data.name}: {_setting_label(chosen)} (dev nDCG@10 {chosen['ndcg_at_10']:.4f})",
+                              flush=True)
                 run = search_run(cfg, embedder, data, store_cfg, task.instruction)
+                if cfg.retrieval.mode == "hybrid":
+                    fusion_used[data.name] = used_fusion(cfg, store_cfg)
             entry = tasks[data.name] = _entry(data, run)
             primary[data.name] = (task.primary_metric, entry[task.primary_metric])
             timing[data.name] = round(time.perf_counter() - t0, 2)
@@ -247,8 +337,16 @@ def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bo
             "top_k": cfg.retrieval.top_k,
             "documents": resolved.documents.model_dump(mode="json"),
             "max_length": resolved.max_length,
+            **({"fusion": fusion_used} if fusion_used else {}),
         },
         "timing_s": timing,
         **({"indexing": indexing} if indexing else {}),
+        **({"fusion_tuning": tuning} if tuning else {}),
     }
     return results
+
+
+def _setting_label(setting: dict[str, Any]) -> str:
+    if setting["fusion"] == "weighted":
+        return f"weighted (dense_weight {setting['dense_weight']:g})"
+    return setting["fusion"]

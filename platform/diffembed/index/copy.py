@@ -2,9 +2,10 @@
 
 The copy streams the source page by page (`iter_points`) and writes every point to the target as it is
 (`upsert_points`): the same ids, the same dense and BM25 sparse vectors, the same payloads. The target
-collection is created with the source's vector name, size and distance, its BM25 setting and its embedding
-fingerprint; a target that already exists must fit all of these, so a target holding vectors of another
-embedding function fails with the one-line fingerprint error before anything is written. The target's own
+collection is created with the source's vector name, size and distance, its BM25 setting, its embedding
+fingerprint and its tuned hybrid fusion (when set); a target that already exists must fit all of these, so a
+target holding vectors of another embedding function fails with the one-line fingerprint error before
+anything is written. The target's own
 layout (`shards`, `replication_factor`, `on_disk_vectors`, `quantization`, ...) comes from `target.*`.
 
 Resumable: for each source page the copy asks the target which of its ids it already holds and writes only
@@ -163,6 +164,9 @@ def copy_collection(cfg: CopyConfig, progress: bool = True, target_store: Any = 
             if not _is_transport(exc):
                 raise
             raise StoreError(f"cannot reach the target Qdrant server {where}: {_one_line(exc)}") from None
+        settings = source.search_settings()
+        if settings is not None:  # the tuned hybrid fusion travels with the collection
+            target.set_search_settings(settings)
 
         copied = present = seen = 0
         try:

@@ -2,8 +2,9 @@
 
 Layout under `store.path`: `<collection>/shard/` is the Edge shard (segments, write-ahead log, its own config)
 and `<collection>/collection.json` records what the collection holds (vector name/size/distance, BM25, the
-embedding fingerprint, the Edge version that wrote it). `collection.json` is written last when a collection
-is created, so a crash mid-creation leaves a shard without it, which the next `ensure_collection` replaces.
+embedding fingerprint, the Edge version that wrote it) and its tuned hybrid fusion (`search`, when set).
+`collection.json` is written last when a collection is created, so a crash mid-creation leaves a shard without
+it, which the next `ensure_collection` replaces.
 
 Edge allows one process per shard directory: a second process gets a one-line `StoreBusy` error, never a
 hang. Updates go through Edge's write-ahead log, so a process killed mid-load reopens with every acknowledged
@@ -27,6 +28,7 @@ import numpy as np
 
 from diffembed.config import ConfigError
 from diffembed.index.config import StoreConfig
+from diffembed.index.fusion import SEARCH_SETTINGS_KEY, FusionSettings, resolve
 from diffembed.index.sparse import SPARSE_VECTOR_NAME, document_vector, query_vector
 from diffembed.index.store import (
     HYBRID_PREFETCH,
@@ -42,6 +44,7 @@ from diffembed.index.store import (
     check_search,
     complete_from_payloads,
     dense_list,
+    fuse_hits,
     point_id,
     point_payload,
     validate_filter,
@@ -78,6 +81,7 @@ class EdgeStore:
         self.shard_dir = self.dir / "shard"
         self.meta_path = self.dir / META
         self._shard = None
+        self._settings: tuple[FusionSettings | None] | None = None  # cached `search` of collection.json
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -181,9 +185,34 @@ class EdgeStore:
             "vector_name": self.cfg.vector_name, "size": int(dim), "distance": self.cfg.distance,
             "sparse": self.cfg.sparse, "fingerprint": fingerprint,
         }
+        self._write_meta(meta)  # last: the collection exists from here on
+
+    def _write_meta(self, meta: dict[str, Any]) -> None:
         tmp = self.meta_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, self.meta_path)  # last: the collection exists from here on
+        os.replace(tmp, self.meta_path)
+        self._settings = None
+
+    def search_settings(self) -> FusionSettings | None:
+        """The tuned fusion in collection.json (read once per store object; this process is the only writer)."""
+        if self._settings is None:
+            stored = self.meta().get(SEARCH_SETTINGS_KEY) if self.exists() else None
+            try:
+                self._settings = (FusionSettings.model_validate(stored) if stored else None,)
+            except ValueError as exc:
+                raise StoreError(f"{self.meta_path}: unreadable search settings ({' '.join(str(exc).split())[:200]})"
+                                 ) from None
+        return self._settings[0]
+
+    def set_search_settings(self, settings: FusionSettings | None) -> None:
+        if not self.exists():
+            raise self._missing()
+        meta = self.meta()
+        if settings is None:
+            meta.pop(SEARCH_SETTINGS_KEY, None)
+        else:
+            meta[SEARCH_SETTINGS_KEY] = settings.model_dump(mode="json")
+        self._write_meta(meta)
 
     def _check_not_legacy(self) -> None:
         if (self.root / "collection" / self.cfg.collection).is_dir() or (self.root / ".lock").is_file():
@@ -200,6 +229,7 @@ class EdgeStore:
 
     def drop(self) -> None:
         self.close()
+        self._settings = None
         if self.dir.exists():
             self._shard_handle_check_free()
             shutil.rmtree(self.dir)
@@ -328,10 +358,14 @@ class EdgeStore:
         return e.Filter(must=conditions) if conditions else None
 
     def search(self, dense: np.ndarray | None, text: str | None, top_k: int = 10, mode: SearchMode = "dense",
-               filter: dict[str, Any] | None = None) -> list[Hit]:
+               filter: dict[str, Any] | None = None, fusion: str | None = None,
+               dense_weight: float | None = None) -> list[Hit]:
+        """Top points by the dense vector, by BM25 on the text, or both fused: `fusion`/`dense_weight` when
+        given, else the collection's tuned setting, else RRF (`diffembed.index.fusion`)."""
         import qdrant_edge as e
 
         check_search(self.cfg, dense, text, mode)
+        settings = resolve(self.search_settings(), fusion, dense_weight) if mode == "hybrid" else None
         flt = self._filter(filter)
         dense_q = None if dense is None else np.asarray(dense, dtype=np.float32).reshape(-1).tolist()
         sparse_q = query_vector(text) if mode != "dense" and text is not None else None
@@ -344,15 +378,25 @@ class EdgeStore:
 
         if mode == "sparse" and not sparse_q.indices:
             return []  # a text of stopwords only matches nothing
-        if mode == "hybrid":
+        if settings is not None and settings.fusion == "weighted":
+            limit = HYBRID_PREFETCH * top_k
+            dense_hits = self._query(e.QueryRequest(limit=limit, query=nearest("dense"), filter=flt, with_payload=True))
+            sparse_hits = self._query(e.QueryRequest(limit=limit, query=nearest("sparse"), filter=flt,
+                                                     with_payload=True)) if sparse_q.indices else []
+            return fuse_hits(dense_hits, sparse_hits, settings, top_k)
+        if settings is not None:
             limit = HYBRID_PREFETCH * top_k
             prefetches = [e.Prefetch(limit=limit, query=nearest("dense"), filter=flt)]
             if sparse_q.indices:
                 prefetches.append(e.Prefetch(limit=limit, query=nearest("sparse"), filter=flt))
-            request = e.QueryRequest(limit=top_k, prefetches=prefetches, query=e.Fusion.Rrf(k=RRF_K), filter=flt,
+            engine_fusion = e.Fusion.Rrf(k=RRF_K) if settings.fusion == "rrf" else e.Fusion.Dbsf()
+            request = e.QueryRequest(limit=top_k, prefetches=prefetches, query=engine_fusion, filter=flt,
                                      with_payload=True)
         else:
             request = e.QueryRequest(limit=top_k, query=nearest(mode), filter=flt, with_payload=True)
+        return self._query(request)
+
+    def _query(self, request) -> list[Hit]:
         shard = self._shard_handle()
         try:
             points = shard.query(request)

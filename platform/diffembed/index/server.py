@@ -2,8 +2,8 @@
 
 Requests are retried on connection errors, timeouts and 5xx (never on 4xx); the API key comes from
 `QDRANT_API_KEY`; collections the job creates get the configured shards/replicas. The embedding fingerprint
-lives in the collection's metadata. HNSW indexing is paused during a bulk load (indexing threshold 0) and
-restored at its end; the threshold to restore is recorded in the collection's metadata first, so a run killed
+and the tuned hybrid fusion (`diffembed_search`) live in the collection's metadata. HNSW indexing is paused
+during a bulk load (indexing threshold 0) and restored at its end; the threshold to restore is recorded in the collection's metadata first, so a run killed
 mid-load is repaired by the next one at its start. Tests use qdrant-client's local mode as a stand-in for the
 server's client API (`ServerStore(cfg, client=QdrantClient(path=...))`); the product never does.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_
 
 from diffembed.config import ConfigError
 from diffembed.index.config import StoreConfig
+from diffembed.index.fusion import FusionSettings, resolve
 from diffembed.index.sparse import SPARSE_VECTOR_NAME, document_vector, query_vector
 from diffembed.index.store import (
     HYBRID_PREFETCH,
@@ -38,6 +40,7 @@ from diffembed.index.store import (
     check_search,
     complete_from_payloads,
     dense_list,
+    fuse_hits,
     point_id,
     point_payload,
     validate_filter,
@@ -51,6 +54,8 @@ ID_BATCH = 256  # doc ids per MatchAny filter: keeps request bodies small
 SCROLL_PAGE = 1024
 _DISTANCES = {"cosine": models.Distance.COSINE, "dot": models.Distance.DOT, "euclid": models.Distance.EUCLID}
 FINGERPRINT_KEY = "diffembed_fingerprint"
+SEARCH_KEY = "diffembed_search"  # the collection's tuned FusionSettings
+SETTINGS_TTL_S = 30.0  # a service re-reads the tuned fusion this often (not one metadata request per query)
 PAUSED_KEY = "diffembed_paused_indexing_threshold"  # set while a bulk load has indexing paused
 
 
@@ -87,6 +92,7 @@ class ServerStore:
                                        prefer_grpc=cfg.prefer_grpc)
         else:
             raise ConfigError("the server backend needs store.url")
+        self._settings: tuple[float, FusionSettings | None] | None = None  # (read at, value) of search_settings
         self._retrying = Retrying(
             stop=stop_after_attempt(cfg.max_retries),
             wait=wait_exponential_jitter(initial=0.5, max=30),
@@ -124,7 +130,28 @@ class ServerStore:
     def fingerprint(self) -> dict[str, Any] | None:
         return self._metadata().get(FINGERPRINT_KEY) if self.exists() else None
 
+    def search_settings(self) -> FusionSettings | None:
+        """The tuned fusion in the collection's metadata, re-read at most every SETTINGS_TTL_S (another process,
+        e.g. a tuning job, may change it while a service runs)."""
+        now = time.monotonic()
+        if self._settings is not None and now - self._settings[0] < SETTINGS_TTL_S:
+            return self._settings[1]
+        stored = self._metadata().get(SEARCH_KEY) if self.exists() else None
+        try:
+            settings = FusionSettings.model_validate(stored) if stored else None
+        except ValueError as exc:
+            raise ConfigError(f"collection {self.cfg.collection!r}: unreadable search settings "
+                              f"({' '.join(str(exc).split())[:200]})") from None
+        self._settings = (now, settings)
+        return settings
+
+    def set_search_settings(self, settings: FusionSettings | None) -> None:
+        value = None if settings is None else settings.model_dump(mode="json")
+        self._call(self.client.update_collection, self.cfg.collection, metadata={SEARCH_KEY: value})
+        self._settings = None
+
     def drop(self) -> None:
+        self._settings = None
         if self.exists():
             self._call(self.client.delete_collection, self.cfg.collection)
 
@@ -325,12 +352,19 @@ class ServerStore:
         top_k: int = 10,
         mode: SearchMode = "dense",
         filter: dict[str, Any] | None = None,
+        fusion: str | None = None,
+        dense_weight: float | None = None,
     ) -> list[Hit]:
-        """Top points for a query: by its dense vector, by BM25 on its text, or both fused with RRF (k=RRF_K).
+        """Top points for a query: by its dense vector, by BM25 on its text, or both fused (`fusion`/
+        `dense_weight` when given, else the collection's tuned setting, else RRF at k=RRF_K).
 
         `filter` is a `validate_filter` spec, e.g. {"doc_id": ["a", "b"], "meta.lang": "en"}.
         """
         check_search(self.cfg, dense, text, mode)
+        settings = None
+        if mode == "hybrid":
+            stored = self.search_settings() if fusion is None and dense_weight is None else None
+            settings = resolve(stored, fusion, dense_weight)
         flt = server_filter(filter)
         dense_q = None if dense is None else np.asarray(dense, dtype=np.float32).reshape(-1).tolist()
         sparse_q = query_vector(text) if mode != "dense" and text is not None else None
@@ -341,12 +375,16 @@ class ServerStore:
             if not sparse_q.indices:
                 return []  # a text of stopwords only matches nothing
             kwargs = {"query": sparse_q, "using": SPARSE_VECTOR_NAME}
+        elif settings.fusion == "weighted":
+            return self._weighted(dense_q, sparse_q, flt, settings, top_k)
         else:
             limit = HYBRID_PREFETCH * top_k
             prefetch = [models.Prefetch(query=dense_q, using=self.cfg.vector_name, limit=limit, filter=flt)]
             if sparse_q.indices:
                 prefetch.append(models.Prefetch(query=sparse_q, using=SPARSE_VECTOR_NAME, limit=limit, filter=flt))
-            kwargs = {"prefetch": prefetch, "query": models.RrfQuery(rrf=models.Rrf(k=RRF_K))}
+            query = (models.RrfQuery(rrf=models.Rrf(k=RRF_K)) if settings.fusion == "rrf"
+                     else models.FusionQuery(fusion=models.Fusion.DBSF))
+            kwargs = {"prefetch": prefetch, "query": query}
         response = self._call(
             self.client.query_points,
             collection_name=self.cfg.collection,
@@ -356,6 +394,19 @@ class ServerStore:
             **kwargs,
         )
         return [Hit.from_scored(p.id, p.score, p.payload) for p in response.points]
+
+    def _weighted(self, dense_q: list[float], sparse_q: models.SparseVector, flt: models.Filter | None,
+                  settings: FusionSettings, top_k: int) -> list[Hit]:
+        """Weighted fusion has no server form: both lists in one batch request, fused here."""
+        limit = HYBRID_PREFETCH * top_k
+        requests = [models.QueryRequest(query=dense_q, using=self.cfg.vector_name, filter=flt, limit=limit,
+                                        with_payload=True)]
+        if sparse_q.indices:
+            requests.append(models.QueryRequest(query=sparse_q, using=SPARSE_VECTOR_NAME, filter=flt, limit=limit,
+                                                with_payload=True))
+        responses = self._call(self.client.query_batch_points, collection_name=self.cfg.collection, requests=requests)
+        lists = [[Hit.from_scored(p.id, p.score, p.payload) for p in r.points] for r in responses] + [[]]
+        return fuse_hits(lists[0], lists[1], settings, top_k)
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         """The ids among `ids` that the collection holds."""

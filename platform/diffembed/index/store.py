@@ -10,8 +10,9 @@ Backends (`open_store(cfg)` picks one):
 - `server` (`store.url`): a Qdrant server or cluster through qdrant-client (`diffembed.index.server`).
 
 Both keep the collection's embedding fingerprint (`diffembed.index.fingerprint`), write our own BM25 sparse
-vectors (`diffembed.index.sparse`) under Qdrant's IDF modifier and fuse hybrid queries with RRF at the same k,
-so the same collection ranks the same on either backend.
+vectors (`diffembed.index.sparse`) under Qdrant's IDF modifier and fuse hybrid queries the same way (RRF at the
+same k, DBSF, or weighted; `diffembed.index.fusion`), so the same collection ranks the same on either backend.
+A collection may store its tuned fusion (`set_search_settings`); a hybrid search naming none uses it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import numpy as np
 
 from diffembed.config import ConfigError
 from diffembed.index.config import StoreConfig
+from diffembed.index.fusion import RRF_K, FusionSettings  # noqa: F401  (RRF_K: re-exported for the backends)
 
 # Fixed forever: changing it would give every point a new id, so reruns would duplicate the collection.
 POINT_NAMESPACE = uuid.UUID("9f011175-924a-4fe9-85ef-f6b9b87d1aa7")
 PAYLOAD_KEYS = ["doc_id", "chunk_index", "n_chunks"]
-RRF_K = 60  # reciprocal rank fusion constant, the same on both backends (1 / (k + rank))
 HYBRID_PREFETCH = 4  # each of dense and BM25 contributes top_k * this candidates to the fusion
 
 SearchMode = Literal["dense", "sparse", "hybrid"]
@@ -183,7 +184,16 @@ class VectorStore(Protocol):
     def count(self, exact: bool = True) -> int: ...  # exact=False: an estimate, cheap on any size
 
     def search(self, dense: np.ndarray | None, text: str | None, top_k: int = 10, mode: SearchMode = "dense",
-               filter: dict[str, Any] | None = None) -> list[Hit]: ...
+               filter: dict[str, Any] | None = None, fusion: str | None = None,
+               dense_weight: float | None = None) -> list[Hit]:
+        """Top points; hybrid fuses dense and BM25 by `fusion`/`dense_weight`, else by the collection's stored
+        setting (`search_settings`), else RRF."""
+
+    def search_settings(self) -> FusionSettings | None:
+        """The fusion setting stored with the collection (None: never tuned, hybrid uses RRF)."""
+
+    def set_search_settings(self, settings: FusionSettings | None) -> None:
+        """Store (None: clear) the collection's default fusion for hybrid search."""
 
     def iter_points(self, batch_size: int = 256) -> Iterator[list[StoredPoint]]: ...
 
@@ -258,3 +268,18 @@ def complete_from_payloads(payloads: Iterator[dict]) -> set[str]:
         chunks.setdefault(doc, set()).add(int(p["chunk_index"]))
         sizes.setdefault(doc, set()).add(int(p["n_chunks"]))
     return {d for d, got in chunks.items() if len(sizes[d]) == 1 and got == set(range(next(iter(sizes[d]))))}
+
+
+def fuse_hits(dense_hits: Sequence[Hit], sparse_hits: Sequence[Hit], settings: FusionSettings, top_k: int
+              ) -> list[Hit]:
+    """Client-side fusion of the two prefetch lists (what `weighted` needs: no engine has it), top_k best first;
+    each hit keeps its payload, its score becomes the fused one."""
+    from diffembed.index.fusion import fuse
+
+    by_id = {h.id: h for h in sparse_hits} | {h.id: h for h in dense_hits}
+    fused = fuse([[(h.id, h.score) for h in dense_hits], [(h.id, h.score) for h in sparse_hits]], settings)
+    out = []
+    for pid, score in fused[:top_k]:
+        hit = by_id[pid]
+        out.append(Hit(hit.id, float(score), hit.doc_id, hit.chunk_index, hit.token_span, hit.char_span, hit.payload))
+    return out
