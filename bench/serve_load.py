@@ -147,7 +147,10 @@ def set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
     *parents, leaf = dotted.split(".")
     for key in parents:
         tree = tree.setdefault(key, {})
-    tree[leaf] = json.loads(raw) if raw[:1] in "[{0123456789-tfn" else raw
+    try:
+        tree[leaf] = json.loads(raw)  # numbers, true/false, null, lists, objects
+    except ValueError:
+        tree[leaf] = raw  # a plain string (fp32, a path, ...)
 
 
 def ours_args(config: Path, overrides: list[str]) -> dict[str, Any]:

@@ -136,7 +136,9 @@ def test_serve_deploy_config_on_the_cluster(head_node, embedded, minilm, tmp_pat
         resp = httpx.post(f"{base}/v1/embeddings", json={"input": texts, "model": "x"}, timeout=30)
         assert resp.status_code == 200, resp.text
         vectors = np.array([d["embedding"] for d in resp.json()["data"]], dtype=np.float32)
-        np.testing.assert_allclose(vectors, minilm.encode_documents(texts), atol=1e-4)
+        # the shipped config serves `dtype: auto` (bf16 on a CPU with native bf16): the same vectors up to bf16
+        want = minilm.encode_documents(texts)
+        assert np.all(np.sum(vectors * want, axis=1) > 0.999)
 
         hits = httpx.post(f"{base}/search", json={"query": "who trims the lamp wick?", "top_k": 3},
                           timeout=30).json()
