@@ -163,7 +163,8 @@ class RetrieverImpl:
         self.store = open_store(self.cfg)
         self.encoder = encoder
         self.deadline_s = deadline_s
-        # the embedded store is one in-process shard: its calls go one at a time; a server takes them concurrently
+        # the embedded store is one in-process shard: its calls go one at a time (concurrent reads measured no
+        # faster: bench/store_throughput.py); a server takes them concurrently
         self._lock = asyncio.Lock() if self.store.backend == "edge" else contextlib.nullcontext()
 
     async def _store_call(self, fn, *args, caller_input: bool = False, **kwargs):
