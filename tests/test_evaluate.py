@@ -307,3 +307,20 @@ def test_cli_tune_fusion_end_to_end(ray_cluster, tmp_path, capsys):
         explicit = store.search(vector, text, top_k=10, mode="hybrid", fusion=chosen.fusion,
                                 dense_weight=chosen.dense_weight if chosen.fusion == "weighted" else None)
         assert [(h.id, h.score) for h in default] == [(h.id, h.score) for h in explicit]
+
+
+def test_quality_at_each_served_dimension(tmp_path):
+    """retrieval.dimensions scores the Matryoshka prefixes as Serve's `dimensions` serves them."""
+    cfg = EvalConfig.from_dict({
+        "name": "dims", "output_dir": str(tmp_path / "out"), "embedder": {"model": "all-MiniLM-L6-v2"},
+        "tasks": [{"name": "sample", "kind": "beir", "path": str(SAMPLE)}],
+        "retrieval": {"dimensions": [16, 128, 384]},
+    })
+    sample = run_evaluation(cfg, progress=False)["tasks"]["sample"]
+    dims = sample["by_dimension"]
+    assert list(dims) == ["16", "128", "384"]
+    assert dims["384"]["ndcg@10"] == pytest.approx(sample["ndcg@10"])  # the full size is the main figure
+    assert dims["16"]["ndcg@10"] < dims["128"]["ndcg@10"]  # an untrained 16-d prefix loses quality
+    with pytest.raises(ValueError, match="backend=exact"):
+        EvalConfig.from_dict({"name": "x", "tasks": cfg.model_dump()["tasks"],
+                              "retrieval": {"backend": "qdrant", "dimensions": [16]}})

@@ -38,13 +38,8 @@ def make_corpus(path):
     return docs
 
 
-@pytest.fixture(scope="module")
-def server(ray_cluster, tmp_path_factory):
-    from ray import serve
-
-    from diffembed.serving.app import app_builder
-
-    root = tmp_path_factory.mktemp("serve")
+def filled_store(root) -> dict:
+    """The store config of a collection the batch job filled with `make_corpus`'s documents under `root`."""
     store = {"path": str(root / "qdrant"), "collection": "docs", "sparse": True, "upsert_batch_size": 16}
     make_corpus(root / "corpus.jsonl")
     embed_corpus(EmbedCorpusConfig.from_dict({
@@ -53,6 +48,16 @@ def server(ray_cluster, tmp_path_factory):
         "encode": {"actors": 1, "batch_size": 8},
         "store": store,
     }), progress=False)  # the job's store is closed when it returns: the retriever replica can open the path
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from diffembed.serving.app import app_builder
+
+    store = filled_store(tmp_path_factory.mktemp("serve"))
 
     args = ServeArgs.model_validate({
         "embedder": EMBEDDER,

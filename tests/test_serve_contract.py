@@ -192,21 +192,11 @@ def wait_ready(url: str, timeout_s: float = 120) -> None:
 def live(ray_cluster, tmp_path_factory):
     """The app with small limits (generated inputs stay cheap) over a store the batch job filled."""
     from ray import serve
-    from test_serve import EMBEDDER, free_port, make_corpus
+    from test_serve import EMBEDDER, filled_store, free_port
 
-    from diffembed.batch.config import EmbedCorpusConfig
-    from diffembed.batch.pipeline import embed_corpus
     from diffembed.serving.app import app_builder
 
-    root = tmp_path_factory.mktemp("contract")
-    store = {"path": str(root / "qdrant"), "collection": "docs", "sparse": True, "upsert_batch_size": 16}
-    make_corpus(root / "corpus.jsonl")
-    embed_corpus(EmbedCorpusConfig.from_dict({
-        "embedder": EMBEDDER,
-        "input": {"paths": [str(root / "corpus.jsonl")], "title_column": "title", "metadata_columns": ["lang"]},
-        "encode": {"actors": 1, "batch_size": 8},
-        "store": store,
-    }), progress=False)
+    store = filled_store(tmp_path_factory.mktemp("contract"))
     args = ServeArgs.model_validate({
         "embedder": EMBEDDER, "store": store, "api_key": API_KEY, "limits": LIMITS,
         "encoder": {"num_cpus": 0.5, "torch_threads": 1, "num_replicas": 1, "max_batch_tokens": 2048},

@@ -120,8 +120,17 @@ class RetrievalConfig(ConfigModel):
         description="tune_fusion: the dense_weight values tried for weighted fusion.",
     )
 
+    dimensions: list[int] = Field(
+        default_factory=list, description="backend exact: also score at these Matryoshka prefix sizes (each prefix "
+        "re-normalised, as Serve's `dimensions` serves it); reported per task under `by_dimension`.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.dimensions and self.backend != "exact":
+            raise ValueError("retrieval.dimensions needs retrieval.backend=exact (a collection holds one size)")
+        if any(d < 1 for d in self.dimensions) or len(set(self.dimensions)) != len(self.dimensions):
+            raise ValueError("retrieval.dimensions must be distinct positive sizes")
         if self.mode != "dense" and self.backend != "qdrant":
             raise ValueError(
                 f"retrieval.mode={self.mode} needs retrieval.backend=qdrant (the BM25 vectors live in Qdrant)"

@@ -79,17 +79,31 @@ def exact_run(embedder, data: RetrievalData, top_k: int, instruction: str | None
               ) -> dict[str, dict[str, float]]:
     """Brute-force cosine retrieval over what the index would store (the document policy's vectors); a
     document scores as its best vector (its only one unless the policy is `best`)."""
+    return exact_runs(embedder, data, top_k, instruction)[None]
+
+
+def exact_runs(embedder, data: RetrievalData, top_k: int, instruction: str | None = None,
+               dimensions: list[int] | tuple[int, ...] = ()) -> dict[int | None, dict[str, dict[str, float]]]:
+    """`exact_run` at the full size (key None) and at each Matryoshka prefix size in `dimensions` (the first d
+    coordinates, re-normalised), from one encoding of the corpus and queries."""
     doc_ids, stored = stored_vectors(embedder, data)
     qids = list(data.queries)
+    too_wide = [d for d in dimensions if d > stored.vectors.shape[1]]
+    if too_wide:
+        raise ValueError(f"retrieval.dimensions {too_wide} exceed the embedder's {stored.vectors.shape[1]}")
     if not doc_ids:
-        return {q: {} for q in qids}
-    vectors = _unit(stored.vectors)  # (M, D)
-    queries = _unit(embedder.encode_queries([data.queries[q] for q in qids], instruction=instruction))  # (Q, D)
-    run: dict[str, dict[str, float]] = {}
-    for block in range(0, len(qids), QUERY_BLOCK):
-        scores = best_window_scores(queries[block : block + QUERY_BLOCK] @ vectors.T, stored.text_index)  # (b, N)
-        run.update(top_k_run(scores, qids[block : block + QUERY_BLOCK], doc_ids, top_k))
-    return run
+        return {d: {q: {} for q in qids} for d in (None, *dimensions)}
+    all_queries = embedder.encode_queries([data.queries[q] for q in qids], instruction=instruction)  # (Q, D)
+    runs: dict[int | None, dict[str, dict[str, float]]] = {}
+    for d in (None, *dimensions):
+        vectors = _unit(stored.vectors[:, :d])  # (M, d)
+        queries = _unit(all_queries[:, :d])  # (Q, d)
+        run: dict[str, dict[str, float]] = {}
+        for block in range(0, len(qids), QUERY_BLOCK):
+            scores = best_window_scores(queries[block : block + QUERY_BLOCK] @ vectors.T, stored.text_index)  # (b, N)
+            run.update(top_k_run(scores, qids[block : block + QUERY_BLOCK], doc_ids, top_k))
+        runs[d] = run
+    return runs
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -300,8 +314,11 @@ def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bo
         entries = []
         for data in _datasets(task, beir, embedder.tokenizer):
             t0 = time.perf_counter()
+            by_dimension: dict[str, dict[str, Any]] = {}
             if cfg.retrieval.backend == "exact":
-                run = exact_run(embedder, data, cfg.retrieval.top_k, task.instruction)
+                runs = exact_runs(embedder, data, cfg.retrieval.top_k, task.instruction, cfg.retrieval.dimensions)
+                run = runs.pop(None)
+                by_dimension = {str(d): _entry(data, r) for d, r in runs.items()}
             else:
                 store_cfg = store_config(cfg, data.name)
                 indexing[data.name] = index_corpus(cfg, data, store_cfg)
@@ -315,6 +332,11 @@ def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bo
                 if cfg.retrieval.mode == "hybrid":
                     fusion_used[data.name] = used_fusion(cfg, store_cfg)
             entry = tasks[data.name] = _entry(data, run)
+            if by_dimension:
+                entry["by_dimension"] = by_dimension
+                if progress:
+                    sizes = ", ".join(f"{d}: {e[task.primary_metric]:.4f}" for d, e in by_dimension.items())
+                    print(f"eval {data.name}: {task.primary_metric} by dimension {sizes}", flush=True)
             primary[data.name] = (task.primary_metric, entry[task.primary_metric])
             timing[data.name] = round(time.perf_counter() - t0, 2)
             entries.append(entry)
