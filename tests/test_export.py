@@ -137,7 +137,8 @@ def test_export_to_a_file_uri(tmp_path):
 @pytest.mark.slow
 def test_export_peak_memory_stays_near_the_model_size(tmp_path):
     """bench/export_memory.py on a 2048-wide, 4-layer bf16 model (~0.45 GiB): the export's memory beyond the
-    libraries' own stays within 1.3x the model. (At 7B width: see the bench's own default run.)"""
+    libraries' own stays within 1.5x the model: an export that held the base and a merged copy needs >= 2x.
+    (At this small size allocator slack varies by run, 1.1-1.33x seen; at 7B width the bench measures 1.03x.)"""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "export_memory.py"), "--hidden", "2048", "--heads", "16",
          "--kv-heads", "4", "--intermediate", "8192", "--layers", "4", "--tmp", str(tmp_path)],
@@ -145,4 +146,4 @@ def test_export_peak_memory_stays_near_the_model_size(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["ratio_net"] <= 1.3, result
+    assert result["ratio_net"] <= 1.5, result
