@@ -60,6 +60,10 @@ class ChunkEmbeddings:
     char_spans: np.ndarray  # (M, 2) character [start, end)
 
 
+class TokenIdError(ValueError):
+    """A token-id input that is empty or holds an id outside the model's vocabulary."""
+
+
 def validate_texts(texts: Any, what: str = "texts") -> list[str]:
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
         raise ValueError(f"{what} must be a list of strings, got {type(texts).__name__}")
@@ -206,31 +210,34 @@ class Embedder:
 
     def check_token_ids(self, ids: Any, what: str = "inputs") -> list[list[int]]:
         """Token-id inputs (the tokenizer's own ids, content only: no special tokens) as lists of ints, or a
-        ValueError naming the first input that is empty or holds an id outside the vocabulary."""
+        TokenIdError naming the first input that is empty or holds an id outside the vocabulary."""
         vocab = len(self.tokenizer)
         out = []
         for i, row in enumerate(ids):
             row = list(row)
             if not row:
-                raise ValueError(f"{what}[{i}] is empty")
+                raise TokenIdError(f"{what}[{i}] is empty")
             bad = next((t for t in row if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
             if bad is not None:
-                raise ValueError(f"{what}[{i}] holds {bad!r}, not a token id of this model (0 to {vocab - 1})")
+                raise TokenIdError(f"{what}[{i}] holds {bad!r}, not a token id of this model (0 to {vocab - 1})")
             out.append(row)
         return out
 
     def query_segments_from_ids(self, ids: Sequence[Sequence[int]],
-                                instruction: str | Sequence[str | None] | None = None) -> list[Segment]:
-        """`query_segments` for inputs given as token ids (see `check_token_ids`); no character spans."""
-        ids = self.check_token_ids(ids, "queries")
+                                instruction: str | Sequence[str | None] | None = None,
+                                what: str = "queries") -> list[Segment]:
+        """`query_segments` for inputs given as token ids (checked by `check_token_ids`, errors naming
+        `what[i]`); no character spans."""
+        ids = self.check_token_ids(ids, what)
         prefixes = self._query_prefixes(len(ids), instruction)
         cores = [p.rstrip() for p in prefixes]
         return self._query_segments(ids, None, cores, [""] * len(ids))
 
-    def document_segments_from_ids(self, ids: Sequence[Sequence[int]], windows: Windows | None = None
-                                   ) -> list[Segment]:
-        """`document_segments` for documents given as token ids (see `check_token_ids`); no character spans."""
-        ids = self.check_token_ids(ids, "documents")
+    def document_segments_from_ids(self, ids: Sequence[Sequence[int]], windows: Windows | None = None,
+                                   what: str = "documents") -> list[Segment]:
+        """`document_segments` for documents given as token ids (checked by `check_token_ids`, errors naming
+        `what[i]`); no character spans."""
+        ids = self.check_token_ids(ids, what)
         return self._windows(ids, None, [None] * len(ids), windows, 0)
 
     def document_segments(

@@ -125,7 +125,8 @@ class EncoderImpl:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
-        self.embedder.warm_up()  # compiled kernels (compile: true) are built before the replica takes requests
+        if self.embedder.config.compile:  # compiled kernels are built before the replica takes requests
+            self.embedder.warm_up()
         # One token budget: a Serve batch holds what the Embedder runs in one forward pass, unless retuned.
         self.max_batch_tokens = max_batch_tokens or self.embedder.config.max_batch_tokens
         self._retune(self.max_batch_tokens, batch_wait_timeout_s)
@@ -183,17 +184,18 @@ class EncoderImpl:
         `first`-policy document longer than max_length, or a `best`-policy document of several windows (it
         has no single vector; with `truncate` it gets its first window's, the index's point 0).
         """
+        from diffembed.models.embedder import TokenIdError  # torch stays out of the ingress, which imports this
+
         emb = self.embedder
         policy = emb.config.documents.windows
         # only `best` needs truncating to one window; `mean` averages them all, `first` cuts anyway
         windows = "first" if truncate and policy == "best" else None
         if inputs and not isinstance(inputs[0], str):
             try:
-                ids = emb.check_token_ids(inputs, "input")
-            except ValueError as exc:
+                segs = (emb.query_segments_from_ids(inputs, instruction, what="input") if kind == "query"
+                        else emb.document_segments_from_ids(inputs, windows=windows, what="input"))
+            except TokenIdError as exc:
                 raise InvalidTokenIds(str(exc)) from None
-            segs = (emb.query_segments_from_ids(ids, instruction) if kind == "query"
-                    else emb.document_segments_from_ids(ids, windows=windows))
         elif kind == "query":
             segs = emb.query_segments(inputs, instruction)
         else:

@@ -286,12 +286,7 @@ class IngressImpl:
         if dims is not None and dims > info["dimension"]:
             raise APIError(422, f"dimensions={dims} exceeds the model's {info['dimension']}",
                            code="invalid_dimensions")
-        vocab = info.get("vocab_size")
-        if vocab is not None:
-            for i, item in enumerate(inputs):
-                if not isinstance(item, str) and max(item) >= vocab:
-                    raise APIError(422, f"input[{i}] has token id {max(item)}; the model's vocabulary has {vocab} "
-                                   "ids", code="invalid_token_ids")
+        # token ids outside the vocabulary: the encoder's InvalidTokenIds (422, code invalid_token_ids) below
         if kwargs.get("truncate") is None:
             kwargs["truncate"] = self.limits.truncate_default
         try:
