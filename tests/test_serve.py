@@ -38,6 +38,34 @@ def make_corpus(path):
     return docs
 
 
+def wait_ready(url: str, timeout_s: float = 120) -> None:
+    """Until `url`/readyz answers 200 (encoder running, store answering), or the test fails."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"{url} did not become ready in {timeout_s} s")
+        time.sleep(0.5)
+
+
+def start_app(args: ServeArgs, name: str) -> str:
+    """Serve's HTTP proxy on a free loopback port, the app `args` build deployed as `name`, once ready: its URL."""
+    from ray import serve
+
+    from diffembed.serving.app import app_builder
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder(args), name=name, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    return url
+
+
 def filled_store(root) -> dict:
     """The store config of a collection the batch job filled with `make_corpus`'s documents under `root`."""
     store = {"path": str(root / "qdrant"), "collection": "docs", "sparse": True, "upsert_batch_size": 16}
@@ -55,10 +83,7 @@ def filled_store(root) -> dict:
 def server(ray_cluster, tmp_path_factory):
     from ray import serve
 
-    from diffembed.serving.app import app_builder
-
     store = filled_store(tmp_path_factory.mktemp("serve"))
-
     args = ServeArgs.model_validate({
         "embedder": EMBEDDER,
         "store": store,
@@ -70,21 +95,7 @@ def server(ray_cluster, tmp_path_factory):
         },
         "limits": {"max_inputs_per_request": 8, "max_chars_per_input": 5000, "max_body_bytes": 20000},
     })
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder(args), name="diffembed", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            pytest.fail("the serving app did not become ready in 120 s")
-        time.sleep(0.5)
-    yield url
+    yield start_app(args, "diffembed")
     serve.shutdown()
 
 

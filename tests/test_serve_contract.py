@@ -175,38 +175,18 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LIMITS = {"max_inputs_per_request": 4, "max_chars_per_input": 300, "max_body_bytes": 8000, "max_top_k": 10}
 
 
-def wait_ready(url: str, timeout_s: float = 120) -> None:
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            pytest.fail(f"{url} did not become ready in {timeout_s} s")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def live(ray_cluster, tmp_path_factory):
     """The app with small limits (generated inputs stay cheap) over a store the batch job filled."""
     from ray import serve
-    from test_serve import EMBEDDER, filled_store, free_port
-
-    from diffembed.serving.app import app_builder
+    from test_serve import EMBEDDER, filled_store, start_app
 
     store = filled_store(tmp_path_factory.mktemp("contract"))
     args = ServeArgs.model_validate({
         "embedder": EMBEDDER, "store": store, "api_key": API_KEY, "limits": LIMITS,
         "encoder": {"num_cpus": 0.5, "torch_threads": 1, "num_replicas": 1, "max_batch_tokens": 2048},
     })
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder(args), name="contract", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
-    yield url
+    yield start_app(args, "contract")
     serve.shutdown()
 
 
@@ -337,7 +317,7 @@ def test_overload_is_429_with_retry_after(live):
     from ray import serve
 
     from diffembed.serving.app import app_builder
-    from test_serve import EMBEDDER
+    from test_serve import EMBEDDER, wait_ready
 
     args = ServeArgs.model_validate({
         "embedder": EMBEDDER, "retry_after_s": 2.5,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -25,17 +24,10 @@ EMBEDDER = {"model": "all-MiniLM-L6-v2", "max_length": 32}
 WORDS = "river mountain forest harbour castle library market garden bridge glacier".split()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(ray_cluster, tmp_path_factory):
     from ray import serve
-
-    from diffembed.serving.app import app_builder
+    from test_serve import start_app
 
     root = tmp_path_factory.mktemp("faults")
     corpus = root / "corpus.jsonl"
@@ -50,21 +42,7 @@ def app(ray_cluster, tmp_path_factory):
         "encoder": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1, "batch_wait_timeout_s": 0.002},
         "request_timeout_s": 60,
     })
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder(args), name="faults", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.post(f"{url}/search", json={"query": "river"}, timeout=10).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            pytest.fail("the app did not answer a search in 120 s")
-        time.sleep(0.5)
-    yield url
+    yield start_app(args, "faults")
     serve.shutdown()
 
 
