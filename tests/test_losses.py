@@ -243,8 +243,17 @@ def _dist_worker(rank: int, store_path: str, out_dir: str) -> None:
              "unequal": unequal, "mrl": mrl.detach(), "mq": mq.grad, "mp": mp.grad, "mn": mn.grad},
             f"{out_dir}/rank{rank}.pt",
         )
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective (a teardown abort)
     finally:
         dist.destroy_process_group()
+
+
+def assert_rank_grads(res: list, names: tuple[str, ...], tensors: tuple) -> None:
+    """Rank r's gradient for its own rows, `res[r][name]`, is WORLD x the single-process gradient there."""
+    for r in range(WORLD):
+        rows = slice(r * B, (r + 1) * B)
+        for name, t in zip(names, tensors):
+            assert_close(res[r][name], WORLD * t.grad[rows])
 
 
 def test_distributed_gather_loss_and_grads(tmp_path):
@@ -265,19 +274,11 @@ def test_distributed_gather_loss_and_grads(tmp_path):
     # rank's contribution into rank r's slot, so rank r's local embedding gradient is WORLD × the global
     # loss gradient for its rows. DDP's 1/WORLD averaging of parameter gradients turns that into exactly
     # the single-process gradient.
-    for r in range(WORLD):
-        rows = slice(r * B, (r + 1) * B)
-        assert_close(res[r]["gq"], WORLD * q.grad[rows])
-        assert_close(res[r]["gp"], WORLD * p.grad[rows])
-        assert_close(res[r]["gn"], WORLD * n.grad[rows])
+    assert_rank_grads(res, ("gq", "gp", "gn"), (q, p, n))
 
     # The same holds for the Matryoshka loss (gathered once, sliced per prefix).
     gq, gp, gn = (t.clone().requires_grad_() for t in _global_batch())
     mrl = MRL(gq, gp, gn)
     mrl.backward()
     assert_close(torch.stack([x["mrl"] for x in res]).mean(), mrl.detach())
-    for r in range(WORLD):
-        rows = slice(r * B, (r + 1) * B)
-        assert_close(res[r]["mq"], WORLD * gq.grad[rows])
-        assert_close(res[r]["mp"], WORLD * gp.grad[rows])
-        assert_close(res[r]["mn"], WORLD * gn.grad[rows])
+    assert_rank_grads(res, ("mq", "mp", "mn"), (gq, gp, gn))
