@@ -19,7 +19,7 @@ from diffembed.documents import DocumentPolicy
 
 Family = Literal["dream", "llada", "qwen2", "llama", "mistral", "bert"]
 Attention = Literal["bidirectional", "causal"]
-Pooling = Literal["mean", "last", "cls"]
+Pooling = Literal["mean", "last", "cls", "mask"]
 DType = Literal["fp32", "bf16", "fp16", "auto"]
 
 # The instruction the paper uses for MS MARCO-style retrieval queries.
@@ -224,7 +224,16 @@ class EmbedderConfig(ConfigModel):
     )
     family: Family | None = Field(None, description="Backbone family; detected from config.json when unset.")
     attention: Attention | None = Field(None, description="Default: bidirectional for diffusion/encoders, causal for AR.")
-    pooling: Pooling | None = Field(None, description="Default: mean; last-token for causal AR.")
+    pooling: Pooling | None = Field(
+        None, description="Default: mean; last-token for causal AR. mask: mask-token readout — `mask_tokens` mask "
+        "tokens (the tokenizer's mask token) go after every input's content and their final states are the vector "
+        "(`mask_vectors`: their mean, or each one: a multivector scored by MaxSim).",
+    )
+    mask_tokens: int = Field(8, ge=1, le=64, description="pooling: mask — how many mask tokens are appended.")
+    mask_vectors: Literal["mean", "multi"] = Field(
+        "mean", description="pooling: mask — mean: one vector, the mean of the mask tokens' states; multi: "
+        "`mask_tokens` vectors per input (a multivector; query and document score by MaxSim).",
+    )
     normalize: bool = True
     query_template: str = Field(
         "Instruct: {instruction}\nQuery: ",
@@ -276,21 +285,45 @@ class EmbedderConfig(ConfigModel):
             raise ValueError("cls pooling with causal attention reads a token that sees only itself; "
                              "use pooling last or mean, or bidirectional attention")
         docs = self.documents
+        if self.multivector and docs.windows in ("mean", "late_chunk"):
+            raise ValueError(f"mask_vectors: multi stores a multivector per window; documents.windows: {docs.windows} "
+                             "needs one vector per window or chunk (use first or best)")
         if self.max_length is not None and docs.multi_window and docs.overlap >= self.max_length // 2:
             raise ValueError("documents.overlap must be smaller than half of max_length")
         return self
 
+    @property
+    def multivector(self) -> bool:
+        """Each input is several vectors (mask-token readout with `mask_vectors: multi`), scored by MaxSim."""
+        return self.pooling == "mask" and self.mask_vectors == "multi"
+
     def embedding_function(self) -> dict[str, Any]:
-        """The fields that decide which vector a text gets (saved as diffembed.json beside exported weights)."""
-        return self.model_dump(mode="json", include=set(EMBEDDING_FUNCTION_FIELDS))
+        """The fields that decide which vector a text gets (saved as diffembed.json beside exported weights).
+        The mask-readout fields are part of it only under `pooling: mask` (functions saved before they existed
+        stay equal)."""
+        fields = set(EMBEDDING_FUNCTION_FIELDS)
+        if self.pooling != "mask":
+            fields -= {"mask_tokens", "mask_vectors"}
+        out = self.model_dump(mode="json", include=fields)
+        docs = out.get("documents")
+        if isinstance(docs, dict):  # a policy's settings for other window modes say nothing about these vectors
+            if docs.get("windows") != "late_chunk":
+                docs.pop("chunk_tokens", None)
+            if docs.get("windows") not in ("best", "late_chunk"):
+                for key in SCORING_FIELDS:
+                    docs.pop(key, None)
+        return out
 
 
 # What diffembed.json holds: the embedding function. Everything else on EmbedderConfig is a runtime setting of
 # the machine that loads the model (dtype, device, batch budgets, attention kernel) or where it comes from.
 EMBEDDING_FUNCTION_FIELDS = (
-    "family", "attention", "pooling", "normalize", "query_template", "query_instruction",
+    "family", "attention", "pooling", "mask_tokens", "mask_vectors", "normalize", "query_template", "query_instruction",
     "exclude_instruction_from_pooling", "append_eos", "max_length", "documents", "dimensions",
 )
+# Document-policy fields that change how window scores make a document's score, not the vectors: saved with a
+# model, never a reason to re-embed a collection (`index.fingerprint` ignores them).
+SCORING_FIELDS = ("aggregate", "first_weight", "temperature")
 RUNTIME_FIELDS = ("dtype", "device", "max_batch_tokens", "max_batch_size", "attn_implementation", "compile")
 
 # Keys of earlier versions (configs and exported diffembed.json files) and where they live now.

@@ -5,7 +5,15 @@ before the content of *every* token window, and how a document longer than one w
 
 - `first`: its first window only (the rest is cut off) — one vector per document;
 - `mean`:  every window embedded, the windows averaged (weighted by pooled tokens) — one vector per document;
-- `best`:  every window is its own vector (one index point each) and a document scores as its best window.
+- `best`:  every window is its own vector (one index point each) and a document scores as its best window;
+- `late_chunk`: late chunking — one forward pass per window of up to `max_length` tokens (macro-windows for
+  longer documents), then each chunk of `chunk_tokens` content tokens is the mean of *its* tokens' final states:
+  chunk vectors that saw the whole window's context (natural for bidirectional backbones). One point per chunk.
+
+Where a document is several points (`best`, `late_chunk`), `aggregate` says how its windows' scores make the
+document's score: `best` (the best window), `first_prior` (first_weight · first window + (1 - first_weight) ·
+best: the top of a document usually says what it is about) or `softmax` (windows weighted by softmax(score /
+temperature): a smooth maximum that credits several good windows).
 
 Training, the batch job, evaluation, Serve and the MTEB adapter all read the policy from
 `EmbedderConfig.documents` and go through the Embedder, so the same document gets the same vector(s) on every
@@ -19,7 +27,8 @@ from typing import Any, Iterable, Literal, Self, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Windows = Literal["first", "mean", "best"]
+Windows = Literal["first", "mean", "best", "late_chunk"]
+Aggregate = Literal["best", "first_prior", "softmax"]
 
 
 class DocumentPolicy(BaseModel):
@@ -35,9 +44,17 @@ class DocumentPolicy(BaseModel):
     windows: Windows = Field(
         "first",
         description="Documents longer than one window: first (truncate), mean (all windows averaged to one "
-        "vector), best (one vector per window; a document scores as its best window).",
+        "vector), best (one vector per window), late_chunk (one vector per chunk of chunk_tokens, pooled from "
+        "a forward pass over the whole window). best / late_chunk score a document by `aggregate`.",
     )
-    overlap: int = Field(64, ge=0, description="Tokens shared by consecutive windows (mean / best).")
+    overlap: int = Field(64, ge=0, description="Tokens shared by consecutive windows (mean / best); late_chunk: "
+                         "context tokens a macro-window sees before the chunks it owns.")
+    chunk_tokens: int = Field(128, ge=8, description="late_chunk: content tokens per chunk.")
+    aggregate: Aggregate = Field(
+        "best", description="Document score from its windows' (best / late_chunk): best, first_prior, softmax."
+    )
+    first_weight: float = Field(0.3, ge=0, le=1, description="aggregate first_prior: weight of the first window.")
+    temperature: float = Field(0.05, gt=0, description="aggregate softmax: temperature over window scores.")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -51,8 +68,8 @@ class DocumentPolicy(BaseModel):
 
     @property
     def one_vector(self) -> bool:
-        """Every document is one vector (first / mean); `best` stores one per window."""
-        return self.windows != "best"
+        """Every document is one vector (first / mean); `best` / `late_chunk` store one per window or chunk."""
+        return self.windows in ("first", "mean")
 
     def _lead(self, title: str | None) -> str:
         """What goes before the text: the stripped title and the separator, or nothing."""
@@ -75,12 +92,36 @@ def best_window_scores(scores: np.ndarray, text_index: np.ndarray) -> np.ndarray
     `text_index` (M,) names each window's document; windows come grouped by document in document order (as
     `Embedder.encode_document_windows` returns them).
     """
+    return window_scores(scores, text_index, "best")
+
+
+def window_scores(scores: np.ndarray, text_index: np.ndarray, aggregate: Aggregate = "best",
+                  first_weight: float = 0.3, temperature: float = 0.05) -> np.ndarray:
+    """(Q, M) window scores -> (Q, N) document scores under `aggregate` (see the module docstring).
+
+    `text_index` (M,) names each window's document; windows come grouped by document in document order (as
+    `Embedder.encode_document_windows` returns them), each document's first window first.
+    """
     if scores.shape[1] == 0:
         return scores
     starts = np.flatnonzero(np.r_[True, text_index[1:] != text_index[:-1]])  # (N,) first window of each doc
     if len(starts) == scores.shape[1]:
         return scores
-    return np.maximum.reduceat(scores, starts, axis=1)  # (Q, N)
+    best = np.maximum.reduceat(scores, starts, axis=1)  # (Q, N)
+    if aggregate == "best":
+        return best
+    if aggregate == "first_prior":
+        return first_weight * scores[:, starts] + (1 - first_weight) * best
+    if aggregate == "softmax":
+        counts = np.diff(np.r_[starts, scores.shape[1]])  # (N,) windows per document
+        weights = np.exp((scores - np.repeat(best, counts, axis=1)) / temperature)  # (Q, M), max 1 per doc
+        return np.add.reduceat(weights * scores, starts, axis=1) / np.add.reduceat(weights, starts, axis=1)
+    raise ValueError(f"unknown aggregate {aggregate!r} (best, first_prior, softmax)")
+
+
+def policy_scores(scores: np.ndarray, text_index: np.ndarray, policy: "DocumentPolicy") -> np.ndarray:
+    """`window_scores` under a document policy's aggregation."""
+    return window_scores(scores, text_index, policy.aggregate, policy.first_weight, policy.temperature)
 
 
 def best_hits(hits: Iterable[Any], top_k: int, doc_id=lambda h: h.doc_id) -> list[Any]:

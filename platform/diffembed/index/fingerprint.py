@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from diffembed.config import EmbedderConfig
+from diffembed.config import SCORING_FIELDS, EmbedderConfig
 
 FINGERPRINT_VERSION = 1
 SPARSE_ENCODING = "bm25-idf-v1"  # diffembed.index.sparse: stemmed terms, MurmurHash3 ids, TF part of BM25
@@ -62,8 +62,9 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-# The model's name is informational: the same weights under another path (another machine) are the same model.
-IGNORED = {"model.name"}
+# The model's name is informational: the same weights under another path (another machine) are the same model;
+# how window scores aggregate is a search setting.
+IGNORED = {"model.name", *(f"function.documents.{key}" for key in SCORING_FIELDS)}
 
 
 def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

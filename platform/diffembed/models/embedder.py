@@ -25,7 +25,7 @@ from diffembed.config import ConfigError, EmbedderConfig
 from diffembed.documents import Windows, titles_or_none
 from diffembed.models.loading import (Backbone, load_backbone, quiet_transformers, resolve_defaults, resolve_dtype,
                                       with_saved_config)
-from diffembed.models.pooling import finish, pool
+from diffembed.models.pooling import finish, pool, pool_groups
 from diffembed.models.prefetch import prefetch
 
 
@@ -47,13 +47,22 @@ class Segment:
     char_span: tuple[int, int] | None  # [start, end) in the text as given (title, prefixes excluded); None when
     # not asked for (`spans=False`: no offsets are computed)
     text_tokens: int = 0  # content tokens of the whole text, so a caller can tell a window was cut short
+    # Several vectors from one window (late-chunking chunks, the mask tokens of a multivector): [start, end)
+    # positions in `ids` whose final states are averaged into one vector each; None = one vector (pool_mask).
+    groups: list[tuple[int, int]] | None = None
+    group_spans: list[tuple[int, int]] | None = None  # late_chunk: each chunk's content-token [start, end)
+    group_chars: list[tuple[int, int]] | None = None  # ... and its character [start, end) (when spans are asked)
+
+    @property
+    def n_vectors(self) -> int:
+        return len(self.groups) if self.groups is not None else 1
 
 
 @dataclass
 class ChunkEmbeddings:
     """The vectors an index stores for documents: one per document, or one per window (multi-point)."""
 
-    vectors: np.ndarray  # (M, D) float32
+    vectors: np.ndarray  # (M, D) float32; (M, K, D) for a multivector (mask_vectors: multi)
     text_index: np.ndarray  # (M,) which input text each window came from
     chunk_index: np.ndarray  # (M,) window number within its text
     token_spans: np.ndarray  # (M, 2) content-token [start, end)
@@ -75,6 +84,14 @@ def validate_texts(texts: Any, what: str = "texts") -> list[str]:
     return list(texts)
 
 
+def _char_span(offsets: list[tuple[int, int]], start: int, end: int, shift: int) -> tuple[int, int]:
+    """Characters [start, end) of content tokens [start, end), relative to the text (the joined title's `shift`
+    characters excluded)."""
+    if end <= start:
+        return (0, 0)
+    return (max(0, offsets[start][0] - shift), max(0, offsets[end - 1][1] - shift))
+
+
 class Embedder:
     def __init__(self, config: EmbedderConfig | None = None, backbone: Backbone | None = None):
         config = with_saved_config(config or EmbedderConfig())
@@ -91,6 +108,10 @@ class Embedder:
         })
         if self.config.append_eos and self.tokenizer.eos_token_id is None:
             raise ConfigError("append_eos is on but the tokenizer has no EOS token")
+        self._mask_id = self._mask_token() if self.config.pooling == "mask" else None
+        if self.config.documents.windows == "late_chunk" and self.config.pooling != "mean":
+            raise ConfigError(f"documents.windows: late_chunk pools each chunk's token states (a mean); with "
+                              f"pooling: {self.config.pooling} queries would be read differently — use pooling: mean")
         self._prefix, self._suffix = self._special_tokens()
         hidden = self.model.config.hidden_size
         if self.config.dimensions is not None and self.config.dimensions > hidden:
@@ -103,6 +124,21 @@ class Embedder:
                                   and getattr(self.model.config, "_attn_implementation", None) == "sdpa")
         # Inference (no autograd) may run through a compiled module sharing the weights; training never does.
         self._inference_model = torch.compile(self.model, dynamic=True) if self.config.compile else self.model
+
+    def _mask_token(self) -> int:
+        """The family's mask token id (Dream <|mask|>, LLaDA <|mdm_mask|>, BERT [MASK]) for mask-token readout."""
+        mask = getattr(self.model.config, "mask_token_id", None)
+        if mask is None:
+            mask = self.tokenizer.mask_token_id
+        if mask is None:
+            raise ConfigError(f"pooling: mask needs a mask token, and {self.config.model} has none (no "
+                              "mask_token_id in config.json, no mask token in the tokenizer)")
+        return int(mask)
+
+    @property
+    def multivector(self) -> bool:
+        """Each input is `config.mask_tokens` vectors (mask readout, `mask_vectors: multi`), scored by MaxSim."""
+        return self.config.multivector
 
     # ---------------------------------------------------------------- tokenisation
 
@@ -131,6 +167,8 @@ class Embedder:
     def content_budget(self) -> int:
         """Content tokens per window once special tokens are in."""
         budget = self.config.max_length - len(self._prefix) - len(self._suffix)
+        if self._mask_id is not None:
+            budget -= self.config.mask_tokens
         if budget < 1:
             raise ConfigError(f"max_length={self.config.max_length} leaves no room for content")
         return budget
@@ -157,11 +195,18 @@ class Embedder:
         ids, _ = self.tokenize(unique)
         return dict(zip(unique, ids))
 
-    def _wrap(self, ids: list[int], pool_mask: list[int]) -> tuple[list[int], list[int]]:
-        return (
-            self._prefix + ids + self._suffix,
-            [1] * len(self._prefix) + pool_mask + [1] * len(self._suffix),
-        )
+    def _wrap(self, ids: list[int], pool_mask: list[int], head: list[int] | None = None
+              ) -> tuple[list[int], list[int], list[tuple[int, int]] | None]:
+        """Content -> (segment ids, pool mask, groups): `head` (default: the tokenizer's leading specials) and
+        the trailing specials around it. Mean pooling counts the specials too; mask readout puts the mask tokens
+        after the content and pools them only (each its own group for a multivector)."""
+        head = self._prefix if head is None else head
+        if self._mask_id is None:
+            return head + ids + self._suffix, [1] * len(head) + pool_mask + [1] * len(self._suffix), None
+        k, start = self.config.mask_tokens, len(head) + len(ids)
+        groups = [(start + j, start + j + 1) for j in range(k)] if self.multivector else None
+        return (head + ids + [self._mask_id] * k + self._suffix,
+                [0] * (start) + [1] * k + [0] * len(self._suffix), groups)
 
     def query_segments(
         self, texts: Sequence[str], instruction: str | Sequence[str | None] | None = None
@@ -201,11 +246,11 @@ class Embedder:
                                  f"max_length={self.config.max_length}")
             kept = tok[:keep]
             mask = [0 if exclude else 1] * len(instr) + [1] * len(kept)
-            seg_ids, seg_mask = self._wrap(instr + kept, mask)
+            seg_ids, seg_mask, groups = self._wrap(instr + kept, mask)
             chars = None
             if offsets is not None:
                 chars = (0, max(0, offsets[i][len(kept) - 1][1] - len(tail)))
-            segments.append(Segment(seg_ids, seg_mask, i, (0, len(kept)), chars, len(tok)))
+            segments.append(Segment(seg_ids, seg_mask, i, (0, len(kept)), chars, len(tok), groups))
         return segments
 
     def check_token_ids(self, ids: Any, what: str = "inputs") -> list[list[int]]:
@@ -269,10 +314,10 @@ class Embedder:
         budget = self.content_budget - len(prefix_ids)
         if budget < 1:
             raise ConfigError(f"documents.prefix leaves no room for content at max_length={self.config.max_length}")
-        stride = budget - min(policy.overlap, budget // 2)
         head = self._prefix + prefix_ids
-        head_mask = [1] * len(head)
-        tail_mask = [1] * len(self._suffix)
+        if windows == "late_chunk":
+            return self._late_chunks(ids, offsets, titles, head, budget, first_source)
+        stride = budget - min(policy.overlap, budget // 2)
         segments = []
         for i, tok in enumerate(ids):
             starts = [0]
@@ -283,13 +328,43 @@ class Embedder:
             shift = policy.title_offset(titles[i]) if offsets is not None else 0
             for start in starts:
                 end = min(start + budget, len(tok))
+                chars = _char_span(offsets[i], start, end, shift) if offsets is not None else None
+                seg_ids, seg_mask, groups = self._wrap(tok[start:end], [1] * (end - start), head)
+                segments.append(Segment(seg_ids, seg_mask, first_source + i, (start, end), chars, len(tok), groups))
+        return segments
+
+    def _late_chunks(self, ids: list[list[int]], offsets: list[list[tuple[int, int]]] | None,
+                     titles: Sequence[str | None], head: list[int], budget: int, first_source: int
+                     ) -> list[Segment]:
+        """Late chunking: macro-windows of up to `budget` content tokens, each owning consecutive chunks of
+        `chunk_tokens` (a chunk is never cut by a window edge) and seeing up to `overlap` tokens of context
+        before them (and after them, where the window has room). A document's last chunk, when shorter than half
+        a chunk, joins the one before it."""
+        policy = self.config.documents
+        chunk = min(policy.chunk_tokens, budget)
+        context = min(policy.overlap, budget // 2)
+        own = max(chunk, (budget - context) // chunk * chunk)  # content tokens a window owns: whole chunks
+        segments = []
+        for i, tok in enumerate(ids):
+            n = len(tok)
+            shift = policy.title_offset(titles[i]) if offsets is not None else 0
+            for start in range(0, max(n, 1), own):
+                end = min(start + own, n)
+                bounds = list(range(start, end, chunk)) + [end]  # chunk edges
+                if len(bounds) > 2 and end == n and bounds[-1] - bounds[-2] < chunk // 2:
+                    del bounds[-2]  # a short tail chunk joins the previous one
+                lo = max(0, min(start - context, n - budget), end - budget)  # window: [lo, lo + budget) ∩ [0, n)
+                hi = min(n, lo + budget)
+                seg_ids = head + tok[lo:hi] + self._suffix
+                spans = list(zip(bounds[:-1], bounds[1:]))
+                groups = [(len(head) + a - lo, len(head) + b - lo) for a, b in spans]
                 chars = None
                 if offsets is not None:
-                    off = offsets[i]
-                    chars = (max(0, off[start][0] - shift), max(0, off[end - 1][1] - shift)) if end > start else (0, 0)
-                segments.append(Segment(head + tok[start:end] + self._suffix,
-                                        head_mask + [1] * (end - start) + tail_mask,
-                                        first_source + i, (start, end), chars, len(tok)))
+                    chars = [_char_span(offsets[i], a, b, shift) for a, b in spans]
+                segments.append(Segment(
+                    seg_ids, [0] * len(head) + [1] * (hi - lo) + [0] * len(self._suffix), first_source + i,
+                    (lo, hi), _char_span(offsets[i], lo, hi, shift) if offsets is not None else None, n,
+                    groups, spans, chars))
         return segments
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -321,18 +396,31 @@ class Embedder:
             "attention_mask": torch.from_numpy(valid.astype(np.int64)),
             "pool_mask": torch.from_numpy(pool_mask),
         }
+        if any(s.groups is not None for s in segments):
+            # Several vectors per window: (B, W) group number of each pooled token (-1: none); a window without
+            # groups is one group over its pool mask.
+            group_index = np.where(pool_mask > 0, 0, -1)
+            for row, seg in enumerate(segments):
+                if seg.groups is not None:
+                    group_index[row] = -1
+                    for g, (a, b) in enumerate(seg.groups):
+                        group_index[row, a:b] = g
+            batch["group_index"] = torch.from_numpy(group_index)
         if self.device.type == "cuda":
             batch = {k: v.pin_memory() for k, v in batch.items()}
+        if "group_index" in batch:  # (B,) stays on the host: it sizes the output without a device sync
+            batch["group_counts"] = torch.tensor([s.n_vectors for s in segments], dtype=torch.int64)
         return batch
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Host tensors to the model's device (asynchronous copies from pinned memory on CUDA)."""
         if self.device.type == "cpu":
             return batch
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v if k == "group_counts" else v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def pooled(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, H) float32 pooled hidden states; differentiable (training calls this)."""
+        """(R, H) float32 pooled hidden states, R = B (one vector per window) or, for a batch with groups, each
+        window's groups in order; differentiable (training calls this)."""
         mask = batch["attention_mask"]
         if self._key_padding_mask:
             # (B, 1, 1, T): every query attends to the real keys; padded queries' outputs are never pooled. Given
@@ -340,11 +428,17 @@ class Embedder:
             mask = mask.bool()[:, None, None, :]
         model = self.model if torch.is_grad_enabled() else self._inference_model
         out = model(input_ids=batch["input_ids"], attention_mask=mask)
+        if "group_index" in batch:
+            return pool_groups(out.last_hidden_state, batch["group_index"], batch["group_counts"])
         return pool(out.last_hidden_state, batch["attention_mask"], batch["pool_mask"], self.config.pooling)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, D) final embeddings (Matryoshka-truncated, normalised as configured); differentiable."""
-        return finish(self.pooled(batch), self.config.dimensions, self.config.normalize)
+        """(B, D) final embeddings (Matryoshka-truncated, normalised as configured), (B, K, D) for a multivector;
+        differentiable."""
+        vectors = finish(self.pooled(batch), self.config.dimensions, self.config.normalize)
+        if self.multivector:
+            return vectors.view(batch["input_ids"].shape[0], self.config.mask_tokens, -1)  # (B*K, D) -> (B, K, D)
+        return vectors
 
     def batches(self, segments: Sequence[Segment]) -> list[list[int]]:
         """Segment indices grouped so that each batch's padded size stays within the token budget."""
@@ -391,14 +485,14 @@ class Embedder:
         done: list[tuple[np.ndarray, torch.Tensor]] = []
         with torch.inference_mode(), closing(prefetch(prepared, PREFETCH_BATCHES)) as batches:
             for index, sources, host in batches:
+                if "group_counts" in host:  # each window's vectors are consecutive rows
+                    index = np.repeat(index, host["group_counts"].numpy())
                 done.append((index, self._pooled_or_split(self.to_device(host), sources)))
-        total = count if count is not None else sum(len(i) for i, _ in done)
         if not done:
-            return torch.empty((total, self.hidden_size), dtype=torch.float32)
-        order = torch.from_numpy(np.concatenate([i for i, _ in done])).to(self.device)  # (S,)
-        out = torch.empty((total, self.hidden_size), dtype=torch.float32, device=self.device)
-        out[order] = torch.cat([v for _, v in done])  # (S, H) back in segment order
-        return out.cpu()
+            return torch.empty((count or 0, self.hidden_size), dtype=torch.float32)
+        # Rows back in segment order; a stable sort keeps each window's groups in their order.
+        order = np.argsort(np.concatenate([i for i, _ in done]), kind="stable")  # (R,)
+        return torch.cat([v for _, v in done])[torch.from_numpy(order).to(self.device)].cpu()  # (R, H)
 
     def _pooled_or_split(self, batch: dict[str, torch.Tensor], sources: np.ndarray) -> torch.Tensor:
         """`pooled(batch)`; on a device out-of-memory, the batch is retried as two halves (each trimmed to its own
@@ -417,17 +511,18 @@ class Embedder:
         parts = []
         for part in (slice(0, half), slice(half, rows)):
             width = int(batch["attention_mask"][part].sum(dim=1).max())
-            sub = {k: v[part, :width] for k, v in batch.items()}  # (b, w): trimmed to this half's longest
+            sub = {k: v[part] if v.dim() == 1 else v[part, :width] for k, v in batch.items()}  # (b, w): trimmed
             parts.append(self._pooled_or_split(sub, sources[part]))
         return torch.cat(parts)
 
     def embed_segments(self, segments: Sequence[Segment]) -> torch.Tensor:
-        """(S, H) float32 pooled vectors in segment order, computed in token-budget batches (no gradient).
+        """(R, H) float32 pooled vectors in segment order (R = S, or each segment's `n_vectors` rows in turn),
+        computed in token-budget batches (no gradient).
 
         The segment-level entry point for callers that batch segments themselves (Serve): follow it with
         `document_vectors` / `finish`.
         """
-        return self._run(self._prepared(segments), len(segments))
+        return self._run(self._prepared(segments), sum(s.n_vectors for s in segments))
 
     def _embed_documents(self, texts: Sequence[str], titles: Sequence[str | None] | None, spans: bool
                          ) -> tuple[list[Segment], torch.Tensor]:
@@ -487,23 +582,31 @@ class Embedder:
         (or as overridden per call)."""
         dims = self.config.dimensions if dimensions is None else dimensions
         norm = self.config.normalize if normalize is None else normalize
-        return finish(pooled, dims, norm).numpy().astype(np.float32, copy=False)
+        out = finish(pooled, dims, norm).numpy().astype(np.float32, copy=False)
+        if self.multivector:
+            return out.reshape(-1, self.config.mask_tokens, out.shape[-1])  # (N*K, D) -> (N, K, D)
+        return out
 
     def document_vectors(self, segments: Sequence[Segment], pooled: torch.Tensor, n_texts: int) -> torch.Tensor:
-        """(S, H) pooled windows -> (N, H) one vector per document, under the policy.
+        """(R, H) pooled rows (`embed_segments`) -> (N, H) one vector per document, under the policy ((N*K, H)
+        for a multivector: each document's K rows in turn).
 
         `first` has one window per document; `mean` averages a document's windows weighted by the tokens each
-        pooled; `best` has no single vector for a document of several windows (ValueError naming it).
+        pooled; `best` / `late_chunk` have no single vector for a document of several windows or chunks
+        (ValueError naming it).
         """
-        counts = np.bincount([s.source for s in segments], minlength=n_texts)
-        if len(segments) == n_texts and (counts == 1).all():
-            out = torch.empty_like(pooled)
-            out[torch.tensor([s.source for s in segments])] = pooled
-            return out
-        if self.config.documents.windows == "best":
+        k = self.config.mask_tokens if self.multivector else 1
+        sources = [s.source for s in segments for _ in range(s.n_vectors // k)]  # one per vector (per K vectors)
+        counts = np.bincount(sources, minlength=n_texts)
+        if len(sources) == n_texts and (counts == 1).all():
+            out = torch.empty_like(pooled).view(n_texts, k, -1)  # (N, K, H)
+            out[torch.tensor(sources)] = pooled.view(n_texts, k, -1)
+            return out.view(n_texts * k, -1)
+        if not self.config.documents.one_vector:
             i = int(np.flatnonzero(counts > 1)[0])
-            raise ValueError(f"documents[{i}] spans {counts[i]} windows and the document policy scores windows "
-                             "separately (documents.windows: best); embed its windows with encode_document_windows")
+            raise ValueError(f"documents[{i}] spans {counts[i]} windows and the document policy scores them "
+                             f"separately (documents.windows: {self.config.documents.windows}); embed its windows "
+                             "with encode_document_windows")
         weights = torch.tensor([float(sum(s.pool_mask)) for s in segments])  # (S,)
         index = torch.tensor([s.source for s in segments])  # (S,)
         total = torch.zeros((n_texts, pooled.shape[1])).index_add_(0, index, pooled * weights[:, None])
@@ -537,7 +640,8 @@ class Embedder:
         """What the index stores for each document under the policy: one row per document (`first`, `mean`)
         or one row per window (`best`), grouped by document in input order, with token and character spans.
 
-        A `mean` document's row spans all of its windows.
+        A `mean` document's row spans all of its windows; under `late_chunk` each row is a chunk (its spans the
+        chunk's). A multivector's rows are (K, D) each.
         """
         segments, pooled = self._embed_documents(texts, titles, spans=True)
         if not segments:
@@ -554,6 +658,13 @@ class Embedder:
                 Segment([], [], i, (first[i].token_span[0], last[i].token_span[1]),
                         (first[i].char_span[0], last[i].char_span[1]), first[i].text_tokens)
                 for i in range(len(texts))
+            ]
+        if any(s.groups is not None for s in segments) and not self.multivector:  # late chunks: a row per chunk
+            segments = [
+                Segment([], [], seg.source, span, chars, seg.text_tokens)
+                for seg in segments
+                for span, chars in zip(seg.group_spans or [seg.token_span],
+                                       seg.group_chars or [seg.char_span] * seg.n_vectors)
             ]
         chunk_index, seen = [], {}
         for seg in segments:

@@ -13,7 +13,7 @@ def pool(
     method: str,
 ) -> torch.Tensor:  # (B, H) float32
     hidden = hidden.float()
-    if method == "mean":
+    if method in ("mean", "mask"):  # mask: the pool mask covers the appended mask tokens only
         weights = pool_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
     if method == "cls":
@@ -21,7 +21,24 @@ def pool(
     if method == "last":
         last = attention_mask.long().sum(dim=1) - 1  # (B,) index of the last real token
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"unknown pooling {method!r} (mean, last, cls)")
+    raise ValueError(f"unknown pooling {method!r} (mean, last, cls, mask)")
+
+
+def pool_groups(
+    hidden: torch.Tensor,  # (B, T, H) final hidden states
+    group_index: torch.Tensor,  # (B, T) which of its row's groups a token belongs to; -1 = none
+    group_counts: torch.Tensor,  # (B,) groups per row, on the host
+) -> torch.Tensor:  # (R, H) float32, R = group_counts.sum(): row 0's groups, then row 1's, ...
+    """The mean of each group's final states: late-chunking chunks, or single mask tokens of a multivector."""
+    total = int(group_counts.sum())
+    offsets = (torch.cumsum(group_counts, 0) - group_counts).to(hidden.device, non_blocking=True)  # (B,) first row
+    valid = group_index >= 0  # (B, T)
+    rows = (offsets[:, None] + group_index)[valid]  # (N,) output row of each grouped token
+    states = hidden[valid].float()  # (N, H)
+    sums = torch.zeros((total, hidden.shape[-1]), dtype=torch.float32, device=hidden.device).index_add_(0, rows, states)
+    sizes = torch.zeros(total, dtype=torch.float32, device=hidden.device).index_add_(
+        0, rows, torch.ones_like(rows, dtype=torch.float32))  # (R,)
+    return sums / sizes.clamp(min=1.0)[:, None]
 
 
 def finish(vectors: torch.Tensor, dimensions: int | None, normalize: bool) -> torch.Tensor:
