@@ -35,7 +35,7 @@ test: install
 	mkdir -p "$$run"; run=$$(cd "$$run" && pwd); \
 	if [ -n "$$(ls -A "$$run")" ]; then echo "DIFFEMBED_TEST_CACHE=$$run is not empty: tests need a fresh one" >&2; exit 2; fi; \
 	echo "test caches: $$run"; \
-	status=0; env DIFFEMBED_TEST_CACHE="$$run" $(TEST_CACHE_ENV) $(PY) -m pytest -q tests || status=$$?; \
+	status=0; env DIFFEMBED_TEST_CACHE="$$run" $(TEST_CACHE_ENV) $(PY) -m pytest -q --durations=15 tests || status=$$?; \
 	if [ -n "$$own" ] && [ $$status -eq 0 ]; then rm -rf "$$run"; fi; \
 	exit $$status
 
