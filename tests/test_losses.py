@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from diffembed.train.losses import gather_with_grad, grad_cache_step, info_nce, matryoshka_info_nce, split_batch
+from diffembed.train.losses import (gather_with_grad, grad_cache_step, info_nce, matryoshka_info_nce, maxsim,
+                                    similarity, split_batch)
 
 
 def _np_info_nce(q, p, n, scale):
@@ -110,6 +111,75 @@ def test_split_batch_dict():
     assert_close(torch.cat([c["input_ids"] for c in chunks]), batch["input_ids"])
 
 
+# ---------------------------------------------------------------------------------------------- multivectors
+
+
+def _np_maxsim_info_nce(q, p, n, scale):
+    """Reference in float64 numpy for multivectors q (B, Kq, D), p (B, K, D), n (N, K, D): every vector
+    normalised, score = Σ_k max_j q_k·c_j / Kq, log-softmax, explicit loops."""
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q, cand = unit(q), unit(np.concatenate([p, n]) if n is not None else p)
+    logits = np.array([[sum(max(qk @ cj for cj in c) for qk in qb) / len(qb) for c in cand] for qb in q]) * scale
+    m = logits.max(axis=1, keepdims=True)
+    log_softmax = logits - (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))
+    return -np.mean([log_softmax[i, i] for i in range(len(q))])
+
+
+def test_maxsim_sums_each_query_vector_s_best_match():
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (1, 2, 2): two query vectors
+    c = torch.tensor([[[1.0, 0.0], [0.6, 0.8]], [[-1.0, 0.0], [0.0, -1.0]]])  # (2, 2, 2): two candidates
+    # candidate 0: q0 best 1.0 (c00), q1 best 0.8 (c01) -> 1.8; candidate 1: q0 best 0.0, q1 best 0.0 -> 0.0
+    assert_close(maxsim(q, c), torch.tensor([[1.8, 0.0]]))
+    assert_close(similarity(q, c), torch.tensor([[0.9, 0.0]]))  # / Kq: the scale of one dot product
+    x, y = torch.randn(3, 4), torch.randn(5, 4)
+    assert_close(similarity(x, y), x @ y.T)
+    assert_close(similarity(x[:, None], y[:, None]), x @ y.T)  # one vector each: MaxSim is the dot product
+    with pytest.raises(ValueError, match="similarity"):
+        similarity(x, y[:, None])
+
+
+def test_one_vector_maxsim_loss_is_the_dot_product_loss():
+    g = torch.Generator().manual_seed(5)
+    q, p, n = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(5, 3, 8, generator=g)
+    one = lambda t: t.unsqueeze(-2)  # (..., D) -> (..., 1, D)
+    expected = info_nce(q, p, n, scale=20.0)
+    assert_close(info_nce(one(q), one(p), one(n), scale=20.0), expected)  # negatives (B, H, 1, D)
+    assert_close(info_nce(one(q), one(p), one(n).flatten(0, 1), scale=20.0), expected)  # (N, 1, D)
+    assert_close(info_nce(one(q), one(p), scale=20.0), info_nce(q, p, scale=20.0))
+    assert_close(matryoshka_info_nce(one(q), one(p), one(n), dims=[2, 8], weights=[0.5, 1.0], scale=20.0),
+                 matryoshka_info_nce(q, p, n, dims=[2, 8], weights=[0.5, 1.0], scale=20.0))
+
+
+def test_multivector_info_nce_against_numpy_and_matryoshka_per_prefix():
+    g = torch.Generator().manual_seed(6)
+    q, p = torch.randn(4, 3, 6, generator=g), torch.randn(4, 3, 6, generator=g)  # (B, K, D)
+    n = torch.randn(4, 2, 3, 6, generator=g)  # (B, H, K, D)
+    flat = n.reshape(8, 3, 6).double().numpy()  # (N, K, D)
+    expected = _np_maxsim_info_nce(q.double().numpy(), p.double().numpy(), flat, 20.0)
+    assert info_nce(q, p, n, scale=20.0).item() == pytest.approx(expected, rel=1e-5)
+    assert info_nce(q, p, n.reshape(8, 3, 6), scale=20.0).item() == pytest.approx(expected, rel=1e-5)
+    # Not the loss of the mean vectors: the test can tell MaxSim from pooling the K vectors first.
+    assert abs(info_nce(q.mean(1), p.mean(1), n.mean(2), scale=20.0).item() - expected) > 1e-2
+    mrl = sum(w * _np_maxsim_info_nce(q[..., :d].double().numpy(), p[..., :d].double().numpy(), flat[..., :d], 20.0)
+              for d, w in ((2, 0.5), (6, 1.0)))
+    assert matryoshka_info_nce(q, p, n, dims=[2, 6], weights=[0.5, 1.0], scale=20.0).item() == pytest.approx(
+        mrl, rel=1e-5)
+
+
+def test_multivector_shape_errors():
+    q, p = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    with pytest.raises(ValueError, match="multivectors"):
+        info_nce(q, torch.randn(3, 4))  # a multivector query against single-vector positives
+    with pytest.raises(ValueError, match="must match"):
+        info_nce(q, torch.randn(2, 2, 4))
+    with pytest.raises(ValueError, match="as many vectors"):
+        info_nce(q, p, torch.randn(6, 3, 4))  # negatives of another K than the positives
+    with pytest.raises(ValueError, match="B=3"):
+        info_nce(q, p, torch.randn(2, 1, 2, 4))
+    with pytest.raises(ValueError, match="dim"):
+        info_nce(q, p, torch.randn(6, 2, 5))
+
+
 # ---------------------------------------------------------------------------------------------- GradCache
 
 
@@ -183,6 +253,39 @@ def test_grad_cache_matches_plain_loss_per_loss(loss_fn):
         assert_close(w.grad, g)
 
 
+MULTI_MRL = functools.partial(matryoshka_info_nce, dims=[1, 2], weights=[0.5, 1.0])
+
+
+@pytest.mark.parametrize("loss_fn", [info_nce, MULTI_MRL], ids=["info_nce", "matryoshka"])
+def test_grad_cache_matches_plain_loss_for_multivectors(loss_fn):
+    """Multivector embeddings (b, K=2, D=2) scored by MaxSim: GradCache over chunks that hold rows out of input
+    order gives the plain path's loss and parameter gradients (dropout on, ragged chunks)."""
+    from diffembed.train.losses import in_input_order
+
+    xq, xp, xn = _data()
+    rows = [[[5, 1, 3], [0, 4, 2]], [[2, 0], [5, 1, 4, 3]], [[11, 0, 7, 3, 9], [1, 2, 4, 5, 6, 8, 10]]]
+    groups = [[x[c] for c in chunks] for x, chunks in zip((xq, xp, xn), rows)]
+
+    def embed(model):
+        return lambda x: model(x).view(x.shape[0], 2, 2)  # (b, 4) -> (b, K, D)
+
+    model = _model()
+    torch.manual_seed(0)
+    q, p, n = (in_input_order([embed(model)(c) for c in cs], chunks) for cs, chunks in zip(groups, rows))
+    assert q.shape == (6, 2, 2) and n.shape == (12, 2, 2)
+    plain = loss_fn(q, p, n)
+    plain.backward()
+    plain_grads = [w.grad.clone() for w in model.parameters()]
+
+    model = _model()
+    torch.manual_seed(0)
+    cached = grad_cache_step(embed(model), *groups, loss_fn=loss_fn, chunk_rows=rows)
+    assert_close(cached, plain.detach())
+    for w, g in zip(model.parameters(), plain_grads):
+        assert g.abs().max() > 0
+        assert_close(w.grad, g)
+
+
 def test_grad_cache_routes_through_backward_fn_and_dict_inputs():
     xq, xp, _ = _data()
     model = _model().eval()
@@ -208,6 +311,7 @@ def test_grad_cache_routes_through_backward_fn_and_dict_inputs():
 # ---------------------------------------------------------------------------------------------- distributed
 
 WORLD, B, K, D = 2, 3, 2, 5
+KV = 3  # vectors per multivector
 
 
 def _global_batch():
@@ -216,6 +320,16 @@ def _global_batch():
     p = torch.randn(WORLD * B, D, generator=g)
     n = torch.randn(WORLD * B, K, D, generator=g)
     return q, p, n
+
+
+def _global_multivectors():
+    """(WORLD*B, KV, D) queries and positives, (WORLD*B, K, KV, D) hard negatives."""
+    g = torch.Generator().manual_seed(12)
+    return (torch.randn(WORLD * B, KV, D, generator=g), torch.randn(WORLD * B, KV, D, generator=g),
+            torch.randn(WORLD * B, K, KV, D, generator=g))
+
+
+MULTI_DIST_MRL = functools.partial(matryoshka_info_nce, dims=[2, D], weights=[0.5, 1.0])
 
 
 def _dist_worker(rank: int, store_path: str, out_dir: str) -> None:
@@ -233,6 +347,12 @@ def _dist_worker(rank: int, store_path: str, out_dir: str) -> None:
         mq, mp, mn = (t[rows].clone().requires_grad_() for t in (q, p, n))
         mrl = MRL(mq, mp, mn, gather=True)  # one gather at full width, sliced per prefix
         mrl.backward()
+        vq, vp, vn = (t[rows].clone().requires_grad_() for t in _global_multivectors())  # (B, KV, D), ...
+        multi = info_nce(vq, vp, vn, gather=True)  # MaxSim against every rank's multivectors
+        multi.backward()
+        wq, wp, wn = (t[rows].clone().requires_grad_() for t in _global_multivectors())
+        multi_mrl = MULTI_DIST_MRL(wq, wp, wn, gather=True)
+        multi_mrl.backward()
         try:  # unequal local batches must fail loudly on every rank, not hang
             info_nce(torch.randn(B + rank, D), torch.randn(B + rank, D), gather=True)
             unequal = "no error"
@@ -240,7 +360,9 @@ def _dist_worker(rank: int, store_path: str, out_dir: str) -> None:
             unequal = str(e)
         torch.save(
             {"gathered": gathered, "loss": loss.detach(), "gq": lq.grad, "gp": lp.grad, "gn": ln.grad,
-             "unequal": unequal, "mrl": mrl.detach(), "mq": mq.grad, "mp": mp.grad, "mn": mn.grad},
+             "unequal": unequal, "mrl": mrl.detach(), "mq": mq.grad, "mp": mp.grad, "mn": mn.grad,
+             "multi": multi.detach(), "vq": vq.grad, "vp": vp.grad, "vn": vn.grad,
+             "multi_mrl": multi_mrl.detach(), "wq": wq.grad, "wp": wp.grad, "wn": wn.grad},
             f"{out_dir}/rank{rank}.pt",
         )
         dist.barrier()  # no rank tears gloo down while the other is still in a collective (a teardown abort)
@@ -282,3 +404,12 @@ def test_distributed_gather_loss_and_grads(tmp_path):
     mrl.backward()
     assert_close(torch.stack([x["mrl"] for x in res]).mean(), mrl.detach())
     assert_rank_grads(res, ("mq", "mp", "mn"), (gq, gp, gn))
+
+    # And for multivectors scored by MaxSim (plain and Matryoshka): (B, KV, D) rows gathered whole.
+    for key, names, loss_fn in (("multi", ("vq", "vp", "vn"), info_nce),
+                                ("multi_mrl", ("wq", "wp", "wn"), MULTI_DIST_MRL)):
+        vq, vp, vn = (t.clone().requires_grad_() for t in _global_multivectors())
+        ref = loss_fn(vq, vp, vn)
+        ref.backward()
+        assert_close(torch.stack([x[key] for x in res]).mean(), ref.detach())
+        assert_rank_grads(res, names, (vq, vp, vn))

@@ -1,5 +1,7 @@
 """Contrastive loss math, kept free of model calls so it can be unit-tested on plain tensors.
 
+* `similarity`: the one query-candidate score every loss path uses — the dot product of single vectors (B, D),
+  or MaxSim of multivectors (B, K, D) (mask-token readout, `mask_vectors: multi`) divided by the query's K.
 * `info_nce`: InfoNCE over in-batch negatives plus hard negatives, optionally across all data-parallel
   ranks (a bigger candidate pool is the main lever on embedding quality).
 * `matryoshka_info_nce`: Matryoshka representation learning (Kusupati et al., 2022) — weighted InfoNCE summed
@@ -21,7 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = [
-    "gather_with_grad", "grad_cache_step", "in_input_order", "info_nce", "matryoshka_info_nce", "split_batch",
+    "gather_with_grad", "grad_cache_step", "in_input_order", "info_nce", "matryoshka_info_nce", "maxsim",
+    "similarity", "split_batch",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -50,7 +53,21 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather  # differentiable, unlike dist.all_gather
 
     parts = all_gather(t.contiguous())  # world × (n, ...)
-    return torch.cat(parts, dim=0)  # (world * n, ...)
+    return _ContiguousGrad.apply(torch.cat(parts, dim=0))  # (world * n, ...)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous. The all-gather's backward on gloo (an
+    all-to-all built from scatters) sends each gradient slice's memory as if it were contiguous: a strided one
+    (MaxSim's einsum backward gives (C, K, D) gradients with permuted strides) arrives scrambled."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()  # row slices of a contiguous gradient (the cat's backward) stay contiguous
 
 
 def _check_equal_sizes(b: int, n: int, device: torch.device) -> None:
@@ -67,24 +84,56 @@ def _check_equal_sizes(b: int, n: int, device: torch.device) -> None:
         )
 
 
+def maxsim(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(B, C) MaxSim of multivectors: Σ_k max_j <q_bk, c_cj>, queries (B, Kq, D), candidates (C, Kd, D) — how a
+    multivector query scores a multivector document (serving and evaluation rank by it)."""
+    dots = torch.einsum("bkd,cjd->bckj", queries, candidates)  # (B, C, Kq, Kd) every query-candidate vector pair
+    return dots.amax(dim=-1).sum(dim=-1)  # (B, C): best candidate vector per query vector, summed over them
+
+
+def similarity(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(B, C) scores of queries against candidates, the one similarity of every loss path (and of the dev
+    evaluation): dot products of single vectors (B, D) x (C, D); for multivectors (B, Kq, D) x (C, Kd, D),
+    MaxSim divided by Kq — the same ranking as MaxSim, on the scale of one dot product, so that `scale` (the
+    temperature) means the same for single vectors and multivectors. With K = 1 both are the dot product."""
+    if queries.dim() == 2 and candidates.dim() == 2:
+        return queries @ candidates.T  # (B, C)
+    if queries.dim() == 3 and candidates.dim() == 3:
+        return maxsim(queries, candidates) / queries.shape[1]  # (B, C)
+    raise ValueError(f"similarity takes (B, D) x (C, D) or (B, K, D) x (C, K, D); got {tuple(queries.shape)} x "
+                     f"{tuple(candidates.shape)}")
+
+
 def _flat_negatives(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None
                     ) -> torch.Tensor | None:
-    """Check shapes; hard negatives as (N, D) (from (B, K, D) or (N, D)), or None when there are none."""
-    if queries.dim() != 2 or positives.dim() != 2:
-        raise ValueError(f"queries and positives must be (B, D); got {tuple(queries.shape)}, {tuple(positives.shape)}")
-    if queries.shape != positives.shape:
+    """Check shapes; hard negatives as rows of candidates, or None when there are none.
+
+    Single vectors: queries and positives (B, D), negatives (B, H, D) or (N, D) -> (N, D).
+    Multivectors: queries (B, Kq, D), positives (B, K, D), negatives (B, H, K, D) or (N, K, D) -> (N, K, D).
+    """
+    multi = queries.dim() == 3
+    if queries.dim() not in (2, 3) or positives.dim() != queries.dim():
+        raise ValueError(f"queries and positives must be (B, D), or (B, K, D) multivectors; got "
+                         f"{tuple(queries.shape)}, {tuple(positives.shape)}")
+    if queries.shape[0] != positives.shape[0] or queries.shape[-1] != positives.shape[-1] or (
+            not multi and queries.shape != positives.shape):
         raise ValueError(f"queries {tuple(queries.shape)} and positives {tuple(positives.shape)} must match")
-    b, d = queries.shape
+    b, d = queries.shape[0], queries.shape[-1]
     if negatives is None:
         return None
-    if negatives.dim() == 3:
+    row = positives.shape[1:]  # one candidate: (D,), or (K, D)
+    if negatives.dim() == len(row) + 2:
         if negatives.shape[0] != b:
-            raise ValueError(f"negatives (B, K, D) must have B={b}; got {tuple(negatives.shape)}")
-        negatives = negatives.reshape(-1, negatives.shape[-1])  # (B, K, D) -> (B*K, D)
-    elif negatives.dim() != 2:
-        raise ValueError(f"negatives must be (B, K, D) or (N, D); got {tuple(negatives.shape)}")
+            raise ValueError(f"negatives (B, H, ...) must have B={b}; got {tuple(negatives.shape)}")
+        negatives = negatives.flatten(0, 1)  # (B, H, ...) -> (B*H, ...)
+    elif negatives.dim() != len(row) + 1:
+        what = "(B, H, K, D) or (N, K, D)" if multi else "(B, H, D) or (N, D)"
+        raise ValueError(f"negatives must be {what}; got {tuple(negatives.shape)}")
     if negatives.shape[-1] != d:
         raise ValueError(f"negatives have dim {negatives.shape[-1]}, queries {d}")
+    if negatives.shape[1:] != row:
+        raise ValueError(f"negatives {tuple(negatives.shape)} and positives {tuple(positives.shape)} must hold "
+                         "as many vectors each")
     return negatives if negatives.shape[0] else None
 
 
@@ -94,16 +143,17 @@ def _candidates(p: torch.Tensor, n: torch.Tensor | None, b: int, gather: bool) -
     offset = 0
     if gather and world > 1:
         _check_equal_sizes(b, 0 if n is None else n.shape[0], p.device)
-        p = gather_with_grad(p)  # (world * B, D)
+        p = gather_with_grad(p)  # (world * B, [K,] D)
         if n is not None:
-            n = gather_with_grad(n)  # (world * N, D)
+            n = gather_with_grad(n)  # (world * N, [K,] D)
         offset = rank * b
-    return (p if n is None else torch.cat([p, n], dim=0)), offset  # (P + N', D), P = B or world * B
+    return (p if n is None else torch.cat([p, n], dim=0)), offset  # (P + N', [K,] D), P = B or world * B
 
 
 def _nce(q: torch.Tensor, candidates: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
-    """Cross-entropy of unit queries (B, D) against unit candidates (C, D); query i's target is row offset + i."""
-    logits = (q @ candidates.T) * scale  # (B, C)
+    """Cross-entropy of unit queries (B, [K,] D) against unit candidates (C, [K,] D) by `similarity`; query i's
+    target is row offset + i."""
+    logits = similarity(q, candidates) * scale  # (B, C)
     labels = torch.arange(q.shape[0], device=q.device) + offset  # (B,) index of each query's own positive
     return F.cross_entropy(logits, labels)
 
@@ -117,8 +167,8 @@ def info_nce(
 ) -> torch.Tensor:
     """InfoNCE on cosine similarity, with in-batch and hard negatives.
 
-    queries (B, D) and positives (B, D) are row-aligned pairs; negatives (B, K, D) or (N, D) are hard
-    negatives (any N; usually B*K). Each query is scored against *every* positive and *every* hard
+    queries (B, D) and positives (B, D) are row-aligned pairs; negatives (B, H, D) or (N, D) are hard
+    negatives (any N; usually B*H). Each query is scored against *every* positive and *every* hard
     negative in the batch (in-batch negatives come for free); the target is its own positive. Logits
     are cosine similarities times `scale` (temperature τ = 1/scale; 50 ⇒ τ = 0.02).
 
@@ -129,12 +179,16 @@ def info_nce(
     backward. Returns the mean over local queries; averaged over ranks (as DDP does) it equals the
     single-process loss on the concatenated global batch. Requires equal B and N on every rank.
 
+    Multivectors (mask-token readout with `mask_vectors: multi`): queries (B, Kq, D), positives (B, K, D),
+    negatives (B, H, K, D) or (N, K, D); every vector is normalised and a query scores a candidate by
+    `similarity` (MaxSim / Kq). Everything else, the gather included, is the same.
+
     Math is done in float32 whatever the input dtype, since bf16 logits at scale 50 lose the ranking.
     """
     negatives = _flat_negatives(queries, positives, negatives)
-    q = F.normalize(queries.float(), dim=-1)  # (B, D)
-    p = F.normalize(positives.float(), dim=-1)  # (B, D)
-    n = None if negatives is None else F.normalize(negatives.float(), dim=-1)  # (N, D)
+    q = F.normalize(queries.float(), dim=-1)  # (B, [K,] D), each vector unit
+    p = F.normalize(positives.float(), dim=-1)  # (B, [K,] D)
+    n = None if negatives is None else F.normalize(negatives.float(), dim=-1)  # (N, [K,] D)
     candidates, offset = _candidates(p, n, q.shape[0], gather)
     return _nce(q, candidates, offset, scale)
 
@@ -155,9 +209,10 @@ def matryoshka_info_nce(
     dim (default 1). The raw float32 embeddings are gathered once at full width and sliced per prefix, so
     a rank does one all-gather whatever the number of dims. With `dims=[D]` this is exactly `info_nce`.
     The loss is a function of the embeddings only, so GradCache (`grad_cache_step`) applies unchanged.
+    Multivectors are cut to each prefix vector by vector (every vector re-normalised), then scored by MaxSim.
     """
     negatives = _flat_negatives(queries, positives, negatives)
-    b, d = queries.shape
+    b, d = queries.shape[0], queries.shape[-1]
     dims = [int(x) for x in dims]
     weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
     if not dims or len(weights) != len(dims):
@@ -165,12 +220,12 @@ def matryoshka_info_nce(
                          f"weights={weights}")
     if any(not 1 <= x <= d for x in dims):
         raise ValueError(f"matryoshka dims {dims} must lie in 1..{d} (the embedding width)")
-    q = queries.float()  # (B, D)
+    q = queries.float()  # (B, [K,] D)
     candidates, offset = _candidates(positives.float(), None if negatives is None else negatives.float(), b, gather)
     total = q.new_zeros(())
     for dim, weight in zip(dims, weights):
-        qd = F.normalize(q[:, :dim], dim=-1)  # (B, d) prefix, re-normalised
-        cd = F.normalize(candidates[:, :dim], dim=-1)  # (C, d)
+        qd = F.normalize(q[..., :dim], dim=-1)  # (B, [K,] d) prefix, re-normalised
+        cd = F.normalize(candidates[..., :dim], dim=-1)  # (C, [K,] d)
         total = total + weight * _nce(qd, cd, offset, scale)
     return total
 
@@ -199,9 +254,10 @@ def in_input_order(
 ) -> torch.Tensor:
     """Concatenate per-chunk embeddings and put every row back at its input position; differentiable.
 
-    `parts[c]` (b_c, D) holds the embeddings of input rows `chunk_rows[c]`, in that order. The chunks must
-    cover input rows 0..rows-1 exactly once (`rows` defaults to their total): a pairing of queries with the
-    wrong positives would train on wrong labels without any error, so a bad cover raises ValueError.
+    `parts[c]` (b_c, D) — or (b_c, K, D), multivectors — holds the embeddings of input rows `chunk_rows[c]`, in
+    that order. The chunks must cover input rows 0..rows-1 exactly once (`rows` defaults to their total): a
+    pairing of queries with the wrong positives would train on wrong labels without any error, so a bad cover
+    raises ValueError.
     The backward of the permutation routes each row's gradient back to the chunk that embedded it.
     """
     order = [int(i) for c in chunk_rows for i in c]
@@ -212,10 +268,10 @@ def in_input_order(
     sizes = [int(p.shape[0]) for p in parts]
     if sizes != [len(c) for c in chunk_rows]:
         raise ValueError(f"chunk embeddings have {sizes} rows but the chunks hold {[len(c) for c in chunk_rows]}")
-    stacked = torch.cat(list(parts), dim=0)  # (B, D); row k is input row order[k]
+    stacked = torch.cat(list(parts), dim=0)  # (B, [K,] D); row k is input row order[k]
     inverse = torch.empty(rows, dtype=torch.long)  # (B,) inverse[i] = k such that order[k] == i
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(rows)
-    return stacked[inverse.to(stacked.device)]  # (B, D); row i is input row i
+    return stacked[inverse.to(stacked.device)]  # (B, [K,] D); row i is input row i
 
 
 class _RngState:
@@ -255,13 +311,13 @@ def grad_cache_step(
 
     1. embed every chunk under `torch.no_grad()` (no activations kept), recording the RNG state first;
     2. compute `loss_fn(q, p, n)` on the concatenated embeddings (as autograd leaves) and take the
-       gradient of the loss w.r.t. each chunk's embeddings — cheap, embeddings are only (b, D);
+       gradient of the loss w.r.t. each chunk's embeddings — cheap, embeddings are only (b, D) or (b, K, D);
     3. re-embed each chunk with grad, RNG restored so dropout draws the same masks, and call
        `backward_fn(embeddings, cached_grad)`; parameter gradients accumulate chunk by chunk.
 
-    `embed_fn(chunk) -> (b, D)` takes whatever each chunk is (e.g. a dict of tensors; see `split_batch`).
-    Negative chunks are concatenated to (N, D) and passed to `loss_fn` as such (`info_nce` accepts flat
-    negatives). `loss_fn` must have no trainable parameters of its own (only the embeddings get
+    `embed_fn(chunk) -> (b, D)` (or (b, K, D) multivectors) takes whatever each chunk is (e.g. a dict of
+    tensors; see `split_batch`). Negative chunks are concatenated to (N, [K,] D) and passed to `loss_fn` as such
+    (`info_nce` accepts flat negatives). `loss_fn` must have no trainable parameters of its own (only the embeddings get
     gradients) and may all-gather (`info_nce(..., gather=True)`): its backward then runs the collectives.
 
     Under DeepSpeed, parameter gradients must go through the engine (loss scaling, ZeRO partitioning):
@@ -293,18 +349,18 @@ def grad_cache_step(
         for g, chunks in enumerate(groups):
             for chunk in chunks:
                 states[g].append(_RngState())
-                emb = embed_fn(chunk)  # (b, D)
-                leaves[g].append(emb.detach().requires_grad_(True))  # (b, D) leaf
+                emb = embed_fn(chunk)  # (b, [K,] D)
+                leaves[g].append(emb.detach().requires_grad_(True))  # (b, [K,] D) leaf
     rng_after = _RngState()
 
     def joined(g: int) -> torch.Tensor:
         if rows[g] is None:
-            return torch.cat(leaves[g], dim=0)  # (b_0 + b_1 + ..., D), chunks hold consecutive rows
-        return in_input_order(leaves[g], rows[g])  # (B, D), back in input order
+            return torch.cat(leaves[g], dim=0)  # (b_0 + b_1 + ..., [K,] D), chunks hold consecutive rows
+        return in_input_order(leaves[g], rows[g])  # (B, [K,] D), back in input order
 
-    q = joined(0)  # (B, D)
-    p = joined(1)  # (B, D)
-    n = joined(2) if leaves[2] else None  # (N, D)
+    q = joined(0)  # (B, [K,] D)
+    p = joined(1)  # (B, [K,] D)
+    n = joined(2) if leaves[2] else None  # (N, [K,] D)
     loss = loss_fn(q, p, n)
     flat_leaves = [leaf for group in leaves for leaf in group]
     grads = torch.autograd.grad(loss, flat_leaves, allow_unused=True)
@@ -316,7 +372,7 @@ def grad_cache_step(
             for chunk, state in zip(chunks, states[g]):
                 grad = next(cached)
                 state.restore()
-                emb = embed_fn(chunk)  # (b, D), with graph
+                emb = embed_fn(chunk)  # (b, [K,] D), with graph
                 if grad is None:  # the loss ignores this chunk (e.g. a zero-row chunk)
                     grad = torch.zeros_like(emb)
                 backward_fn(emb, grad.to(emb.dtype))

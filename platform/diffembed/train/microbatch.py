@@ -94,15 +94,16 @@ def select(items: Sequence[Any], chunks: Sequence[Sequence[int]]) -> list[list[A
 def embed_in_order(
     embed_fn: Callable[[list[Any]], torch.Tensor], items: Sequence[Any], chunks: Sequence[Sequence[int]]
 ) -> torch.Tensor:
-    """(B, D) embeddings of `items` in input order, computed chunk by chunk, with the autograd graph.
+    """(B, D) embeddings of `items` in input order ((B, K, D) multivectors), computed chunk by chunk, with the
+    autograd graph.
 
     The no-GradCache path: activations of every chunk stay alive until the one backward (as with a single
     padded batch), but each chunk is padded only to its own longest row.
     """
     if not items:
         raise ValueError("embed_in_order needs at least one item")
-    parts = [embed_fn(rows) for rows in select(items, chunks)]  # each (b_c, D)
-    return in_input_order(parts, chunks, len(items))  # (B, D)
+    parts = [embed_fn(rows) for rows in select(items, chunks)]  # each (b_c, [K,] D)
+    return in_input_order(parts, chunks, len(items))  # (B, [K,] D)
 
 
 def grad_cache_in_order(

@@ -66,18 +66,20 @@ def train_step(embedder, engine, q_segs, p_segs, n_segs, loss_fn, chunk: int | N
     instead of ~50 % for one padded batch, and a third of the activation memory (bench/gpu_train.py).
     Without `chunk`: the sub-batches' activations all stay for one backward. With it, GradCache over chunks of at
     most `chunk` rows (`grad_cache_in_order`): DDP all-reduces gradients once, after the step's last chunk
-    (DeepSpeed is told the same through its gradient-accumulation boundary)."""
+    (DeepSpeed is told the same through its gradient-accumulation boundary).
+    A multivector embedder (mask readout, `mask_vectors: multi`) gives (b, K, D) embeddings; `loss_fn` (`make_loss`)
+    scores them by MaxSim (`losses.similarity`), on both paths."""
     from diffembed.train.microbatch import embed_in_order, grad_cache_in_order, plan_chunks
 
     def embed(segs):
         with engine.autocast():
-            return embedder.forward(embedder.collate(segs))  # (b, D)
+            return embedder.forward(embedder.collate(segs))  # (b, D); (b, K, D) for a multivector
 
     if chunk:
         loss = grad_cache_in_order(embed, engine, [q_segs, p_segs, n_segs], loss_fn, max_rows=chunk)
     else:
         def planned(segs):
-            return embed_in_order(embed, segs, plan_chunks([len(s.ids) for s in segs]))  # (b, D)
+            return embed_in_order(embed, segs, plan_chunks([len(s.ids) for s in segs]))  # (b, [K,] D)
 
         q, p = planned(q_segs), planned(p_segs)
         n = planned(n_segs) if n_segs else None
@@ -89,7 +91,8 @@ def train_step(embedder, engine, q_segs, p_segs, n_segs, loss_fn, chunk: int | N
 
 def make_loss(cfg: TrainConfig, width: int, gather: bool):
     """`loss_fn(q, p, n)` of the config: InfoNCE, or its Matryoshka sum over `loss.matryoshka_dims` (the full
-    `width` included). ConfigError when a Matryoshka size exceeds the width of the loaded model's embeddings."""
+    `width` included); on single vectors (B, D) or multivectors (B, K, D), scored by `losses.similarity`.
+    ConfigError when a Matryoshka size exceeds the width of the loaded model's embeddings."""
     from functools import partial
 
     from diffembed.train.losses import info_nce, matryoshka_info_nce
