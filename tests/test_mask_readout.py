@@ -13,7 +13,6 @@ import torch
 from torch.testing import assert_close
 
 from diffembed import Embedder
-from diffembed.config import read_yaml_mapping
 from diffembed.eval.compare import CompareConfig
 from diffembed.eval.metrics import evaluate, top_k_run
 from diffembed.train.backends import make_backend
