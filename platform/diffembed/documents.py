@@ -22,7 +22,7 @@ path. The helpers below are the one implementation of "a document's score is its
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Self, Sequence
+from typing import Any, Callable, Iterable, Literal, Self, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -132,6 +132,58 @@ def best_hits(hits: Iterable[Any], top_k: int, doc_id=lambda h: h.doc_id) -> lis
         if len(best) >= top_k:
             break
     return list(best.values())
+
+
+def aggregate_hits(hits: Iterable[Any], top_k: int, policy: "DocumentPolicy | None" = None,
+                   fetch: Callable[[list[str], bool, int], Iterable[Any]] | None = None,
+                   doc_id=lambda h: h.doc_id) -> list[tuple[Any, float]]:
+    """Hits ordered best first (one per point, e.g. a store's search) -> at most `top_k` (the document's best
+    hit, the document's score), best first: `window_scores` over each candidate document's points.
+
+    Every document among the hits is a candidate (one below the first `top_k` may aggregate higher). Hits have
+    `score` and `chunk_index` (and `payload["n_chunks"]`, the document's point count, for softmax). Under
+    `policy.aggregate` (None or a one-vector policy: best):
+
+    - best: each document's best hit and its score, exactly `best_hits`;
+    - first_prior: first_weight * chunk 0's score + (1 - first_weight) * the best hit's score (the best point of
+      a document among the hits is always retrieved: it outranks the document's others);
+    - softmax: the softmax(score / temperature)-weighted mean of the scores of the document's points.
+
+    The points a candidate needs and the search missed (first_prior: chunk 0; softmax: those beyond its hits, when
+    its `n_chunks` says there are more) come from one call `fetch(doc_ids, first_only, limit)`, hits scored as the
+    search scores them (`diffembed.index.store.document_points`). Without `fetch`, or for points it does not
+    return: first_prior counts a missing chunk 0 as 0.0 (the score of a point no term matches, or outside a
+    fused list) and softmax aggregates the hits it has.
+    """
+    if policy is None or policy.one_vector or policy.aggregate == "best":
+        return [(hit, float(hit.score)) for hit in best_hits(hits, top_k, doc_id)]
+    if policy.aggregate not in ("first_prior", "softmax"):
+        raise ValueError(f"unknown aggregate {policy.aggregate!r} (best, first_prior, softmax)")
+    by_doc: dict[str, dict[int, Any]] = {}  # first-seen order; each document's hits by chunk, best first
+    for hit in hits:
+        by_doc.setdefault(doc_id(hit), {}).setdefault(int(hit.chunk_index), hit)
+    first_only = policy.aggregate == "first_prior"
+    if first_only:
+        wanted = {d: 1 for d, chunks in by_doc.items() if 0 not in chunks}
+    else:
+        sizes = {d: int((getattr(next(iter(c.values())), "payload", None) or {}).get("n_chunks") or 0)
+                 for d, c in by_doc.items()}
+        wanted = {d: sizes[d] for d, chunks in by_doc.items() if sizes[d] > len(chunks)}
+    if wanted and fetch is not None:
+        for hit in fetch(list(wanted), first_only, sum(wanted.values())):
+            if doc_id(hit) in wanted:
+                by_doc[doc_id(hit)].setdefault(int(hit.chunk_index), hit)
+    scored: list[tuple[Any, float]] = []
+    for chunks in by_doc.values():
+        best = max(chunks.values(), key=lambda h: float(h.score))
+        if first_only:
+            first = float(chunks[0].score) if 0 in chunks else 0.0
+            scored.append((best, policy.first_weight * first + (1 - policy.first_weight) * float(best.score)))
+        else:
+            values = np.array([float(h.score) for h in chunks.values()])  # (n,) the document's points
+            weights = np.exp((values - values.max()) / policy.temperature)  # (n,) the best weighs 1
+            scored.append((best, float((weights * values).sum() / weights.sum())))
+    return sorted(scored, key=lambda item: -item[1])[:top_k]  # stable: first seen wins a tie
 
 
 def titles_or_none(titles: Sequence[str | None] | None, n: int) -> list[str | None]:

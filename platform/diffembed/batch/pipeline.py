@@ -134,7 +134,8 @@ class ResumeFilter:
 
 class EncodeActor:
     """A Ray Data actor: loads the Embedder once, turns a batch of documents into one row per stored point
-    (per document, or per window under the `best` document policy).
+    (per document, or per window / chunk under the `best` / `late_chunk` document policies); a point's vector
+    is (D,), or (K, D) for a multivector embedder (`mask_vectors: multi`).
 
     Rows that cannot be embedded come out as one marker row (`chunk_index` -1, `skip` set) so they are counted.
     """
@@ -162,6 +163,7 @@ class EncodeActor:
         marks = np.flatnonzero(skip)  # (K,) batch rows reported as skipped
         n_chunks = np.bincount(chunks.text_index, minlength=len(texts))[chunks.text_index]  # (M,)
         k, dim = len(marks), self.embedder.dimension
+        shape = (self.embedder.config.mask_tokens, dim) if self.embedder.multivector else (dim,)  # one point's
         take = np.concatenate([rows, marks]).astype(np.int64)  # (M + K,)
 
         def ints(values: np.ndarray) -> np.ndarray:
@@ -182,7 +184,8 @@ class EncodeActor:
             "char_end": ints(chunks.char_spans[:, 1]),
             "text": np.array([texts[i][s:e] for i, (s, e) in zip(chunks.text_index, chunks.char_spans)]
                              + [""] * k, dtype=object),
-            "vector": np.concatenate([chunks.vectors, np.zeros((k, dim), dtype=np.float32)]),  # (M + K, D)
+            # (M + K, D), or (M + K, mask_tokens, D) for multivectors
+            "vector": np.concatenate([chunks.vectors.reshape(-1, *shape), np.zeros((k, *shape), dtype=np.float32)]),
         }
 
 

@@ -164,11 +164,16 @@ class MTEBEncoder:
         name: str | None = None,
         revision: str | None = None,
     ):
-        _require_mteb()
         self.embedder = _as_embedder(embedder)
-        if not self.embedder.config.documents.one_vector:
-            raise ConfigError("MTEB scores one vector per document; documents.windows: best stores one per window "
-                              "(use first or mean for MTEB)")
+        config = self.embedder.config
+        if not config.documents.one_vector:
+            per = "window" if config.documents.windows == "best" else "chunk"
+            raise ConfigError(f"MTEB scores one vector per document; documents.windows: {config.documents.windows} "
+                              f"stores one per {per} (use first or mean for MTEB)")
+        if self.embedder.multivector:
+            raise ConfigError(f"MTEB scores one vector per input by cosine; mask_vectors: multi gives "
+                              f"{config.mask_tokens} per input, scored by MaxSim (use mask_vectors: mean for MTEB)")
+        _require_mteb()
         self.instructions = dict(instructions or {})
         self.use_task_prompts = use_task_prompts
         # A plain attribute, not a property: mteb's ModelMeta.load_model assigns it.

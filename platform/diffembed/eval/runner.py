@@ -4,8 +4,13 @@ Every task becomes a `RetrievalData` (documents, judged queries, qrels); documen
 exactly in this process or through the platform's own path (the embed_corpus batch job into Qdrant, then
 the store interface's `search`), and the run is scored with pytrec_eval. Long documents are handled as in the batch
 job and the service: the embedder's document policy (`embedder.documents`) decides a document's vector(s) —
-its first window, its windows averaged, or every window with the document scored by its best one. Both
-backends rank by cosine similarity, so they agree on the same data.
+its first window, its windows averaged, or every window (`best`) / late-chunked chunk (`late_chunk`) with the
+document scored from its windows' scores as `documents.aggregate` says (best, first_prior, softmax). Both
+backends rank by cosine similarity (MaxSim for a multivector embedder, `mask_vectors: multi`), so they agree on
+the same data. Through the store, the candidate documents are those of the points a search retrieved
+(over-fetched); for first_prior / softmax the points a candidate needs and the search missed (its first chunk /
+its other chunks) are scored exactly by one more search filtered to them (`document_points`; in hybrid mode
+fused scores are rank-based, so only the retrieved points count and a missing first chunk counts 0).
 
 Hybrid search fuses dense and BM25 by `retrieval.fusion` (rrf, dbsf, weighted), or by the collection's stored
 setting. `retrieval.tune_fusion` first scores every fusion on each BEIR task's dev split from one pair of
@@ -25,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from diffembed.config import ConfigError
-from diffembed.documents import best_hits, best_window_scores
+from diffembed.documents import aggregate_hits, policy_scores
 from diffembed.eval.beir import RetrievalData, load_beir
 from diffembed.eval.config import EvalConfig, TaskConfig
 from diffembed.eval.metrics import evaluate, top_k_run
@@ -33,7 +38,8 @@ from diffembed.eval.report import write_results
 
 METRICS = ("ndcg@1", "ndcg@10", "recall@10", "recall@100", "mrr@10")
 QUERY_BLOCK = 256  # queries scored against all chunks at once (bounds the (Q, M) score matrix)
-CHUNK_OVERFETCH = 4  # Qdrant: chunks fetched per wanted document before keeping each document's best chunk
+MAXSIM_BLOCK = 1 << 24  # multivectors: query-vector x document-vector dot products held at once (64 MiB)
+CHUNK_OVERFETCH = 4  # Qdrant: chunks fetched per wanted document before aggregating each document's chunks
 
 
 def load_tasks(cfg: EvalConfig) -> dict[str, RetrievalData]:
@@ -78,7 +84,7 @@ def stored_vectors(embedder, data: RetrievalData):
 def exact_run(embedder, data: RetrievalData, top_k: int, instruction: str | None = None
               ) -> dict[str, dict[str, float]]:
     """Brute-force cosine retrieval over what the index would store (the document policy's vectors); a
-    document scores as its best vector (its only one unless the policy is `best`)."""
+    document of several vectors (`best`, `late_chunk`) scores as the policy's `aggregate` says."""
     return exact_runs(embedder, data, top_k, instruction)[None]
 
 
@@ -88,27 +94,48 @@ def exact_runs(embedder, data: RetrievalData, top_k: int, instruction: str | Non
     coordinates, re-normalised), from one encoding of the corpus and queries."""
     doc_ids, stored = stored_vectors(embedder, data)
     qids = list(data.queries)
-    too_wide = [d for d in dimensions if d > stored.vectors.shape[1]]
+    width = stored.vectors.shape[-1]
+    too_wide = [d for d in dimensions if d > width]
     if too_wide:
-        raise ValueError(f"retrieval.dimensions {too_wide} exceed the embedder's {stored.vectors.shape[1]}")
+        raise ValueError(f"retrieval.dimensions {too_wide} exceed the embedder's {width}")
     if not doc_ids:
         return {d: {q: {} for q in qids} for d in (None, *dimensions)}
-    all_queries = embedder.encode_queries([data.queries[q] for q in qids], instruction=instruction)  # (Q, D)
+    # (Q, D), or (Q, K, D) for a multivector embedder
+    all_queries = embedder.encode_queries([data.queries[q] for q in qids], instruction=instruction)
     runs: dict[int | None, dict[str, dict[str, float]]] = {}
     for d in (None, *dimensions):
-        vectors = _unit(stored.vectors[:, :d])  # (M, d)
-        queries = _unit(all_queries[:, :d])  # (Q, d)
+        vectors = _unit(stored.vectors[..., :d])  # (M, d) or (M, K, d)
+        queries = _unit(all_queries[..., :d])  # (Q, d) or (Q, K, d)
         run: dict[str, dict[str, float]] = {}
         for block in range(0, len(qids), QUERY_BLOCK):
-            scores = best_window_scores(queries[block : block + QUERY_BLOCK] @ vectors.T, stored.text_index)  # (b, N)
+            scores = policy_scores(similarities(queries[block : block + QUERY_BLOCK], vectors), stored.text_index,
+                                   embedder.config.documents)  # (b, N)
             run.update(top_k_run(scores, qids[block : block + QUERY_BLOCK], doc_ids, top_k))
         runs[d] = run
     return runs
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
+
+
+def similarities(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """(Q, M) scores of unit queries against unit stored vectors: dot products of (Q, D) and (M, D), or MaxSim of
+    multivectors (Q, Kq, D) and (M, Kd, D) — for each query vector its best dot product with the point's
+    vectors, summed — as a multivector collection scores them. Multivectors go in blocks of points, so at most
+    about MAXSIM_BLOCK dot products are held at once."""
+    if queries.ndim == 2:
+        return queries @ vectors.T
+    (q, kq, dim), (m, kd, _) = queries.shape, vectors.shape
+    flat = queries.reshape(q * kq, dim)  # (Q*Kq, D)
+    out = np.empty((q, m), dtype=np.float32)
+    step = max(1, MAXSIM_BLOCK // max(1, q * kq * kd))  # points per block
+    for start in range(0, m, step):
+        block = vectors[start : start + step]  # (b, Kd, D)
+        dots = (flat @ block.reshape(-1, dim).T).reshape(q, kq, len(block), kd)  # (Q, Kq, b, Kd)
+        out[:, start : start + len(block)] = dots.max(axis=3).sum(axis=1)  # (Q, b)
+    return out
 
 
 def collection_name(cfg: EvalConfig, data_name: str) -> str:
@@ -163,35 +190,43 @@ def index_corpus(cfg: EvalConfig, data: RetrievalData, store_cfg, progress: bool
 
 def search_run(cfg: EvalConfig, embedder, data: RetrievalData, store_cfg, instruction: str | None = None
                ) -> dict[str, dict[str, float]]:
-    """Every query through the store interface's `search` (dense, sparse or hybrid), each document's best chunk."""
+    """Every query through the store interface's `search` (dense, sparse or hybrid), each document's chunks
+    aggregated under the embedder's document policy (`aggregate_hits`)."""
     from diffembed.index.store import open_store
 
     mode, top_k = cfg.retrieval.mode, cfg.retrieval.top_k
     qids = list(data.queries)
     dense = None
     if mode != "sparse":
-        dense = embedder.encode_queries([data.queries[q] for q in qids], instruction=instruction)  # (Q, D)
+        dense = embedder.encode_queries([data.queries[q] for q in qids], instruction=instruction)  # (Q, [K,] D)
     run: dict[str, dict[str, float]] = {}
+    policy = embedder.config.documents
     # None: the collection's stored (tuned) fusion, as the service would search it
     fusion = {"fusion": cfg.retrieval.fusion, "dense_weight": cfg.retrieval.dense_weight} if mode == "hybrid" else {}
     with open_store(store_cfg) as store:
         points = store.count()
         for i, qid in enumerate(qids):
-            run[qid] = _best_chunk_per_doc(
-                store, None if dense is None else dense[i], data.queries[qid], top_k, mode, points, fusion
+            run[qid] = _documents_of_points(
+                store, None if dense is None else dense[i], data.queries[qid], top_k, mode, points, fusion, policy
             )
     return run
 
 
-def _best_chunk_per_doc(store, dense, text: str, top_k: int, mode: str, points: int,
-                        fusion: dict[str, Any] | None = None) -> dict[str, float]:
-    """Each document's best point, top_k documents; fetches more points until top_k documents are found."""
+def _documents_of_points(store, dense, text: str, top_k: int, mode: str, points: int,
+                         fusion: dict[str, Any] | None = None, policy=None) -> dict[str, float]:
+    """top_k documents scored from their points under `policy.aggregate` (None: each document's best point);
+    fetches more points until top_k documents are found. first_prior / softmax: the points a candidate needs and
+    the search missed (its chunk 0 / the rest of its chunks) are scored exactly by one more search filtered to
+    them (`document_points`)."""
+    from diffembed.index.store import document_points
+
     limit = top_k * CHUNK_OVERFETCH
     while True:
         hits = store.search(dense, text, top_k=limit, mode=mode, **(fusion or {}))  # best first
-        best = best_hits(hits, top_k)
-        if len(best) >= top_k or len(hits) < limit or limit >= points:
-            return {hit.doc_id: hit.score for hit in best}
+        if len({h.doc_id for h in hits}) >= top_k or len(hits) < limit or limit >= points:
+            ranked = aggregate_hits(hits, top_k, policy, lambda ids, first_only, n: document_points(
+                store, dense, text, mode, ids, first_only, n))
+            return {hit.doc_id: score for hit, score in ranked}
         limit *= 2
 
 
@@ -219,15 +254,17 @@ def tune_fusion(cfg: EvalConfig, embedder, dev: RetrievalData, store_cfg, instru
     """Score every fusion of `fusion_grid` on the dev queries, store the best with the collection, return the grid.
 
     Each query's dense and BM25 point lists are fetched once, as deep as a hybrid search prefetches them, and
-    fused here (`fuse_hits`, the stores' own fusion), then each document keeps its best point as in `search_run`.
+    fused here (`fuse_hits`, the stores' own fusion), then each document's points are aggregated as in
+    `search_run` (a fused score is rank-based: a first chunk outside the fused list counts 0 for first_prior).
     """
     from diffembed.index.store import HYBRID_PREFETCH, fuse_hits, open_store
 
     top_k = cfg.retrieval.top_k
     limit = top_k * CHUNK_OVERFETCH  # points a hybrid search asks for
     qids = list(dev.queries)
-    dense = embedder.encode_queries([dev.queries[q] for q in qids], instruction=instruction)  # (Q, D)
+    dense = embedder.encode_queries([dev.queries[q] for q in qids], instruction=instruction)  # (Q, [K,] D)
     grid = fusion_grid(cfg)
+    policy = embedder.config.documents
     runs: list[dict[str, dict[str, float]]] = [{} for _ in grid]
     with open_store(store_cfg) as store:
         for i, qid in enumerate(qids):
@@ -236,7 +273,7 @@ def tune_fusion(cfg: EvalConfig, embedder, dev: RetrievalData, store_cfg, instru
             sparse_hits = store.search(None, text, top_k=HYBRID_PREFETCH * limit, mode="sparse")
             for run, settings in zip(runs, grid):
                 fused = fuse_hits(dense_hits, sparse_hits, settings, limit)
-                run[qid] = {h.doc_id: h.score for h in best_hits(fused, top_k)}
+                run[qid] = {h.doc_id: score for h, score in aggregate_hits(fused, top_k, policy)}
         rows = [{"fusion": s.fusion, "dense_weight": s.dense_weight if s.fusion == "weighted" else None,
                  "ndcg@10": evaluate(dev.qrels, run)["ndcg@10"]} for s, run in zip(grid, runs)]
         best = max(range(len(grid)), key=lambda j: (rows[j]["ndcg@10"], -j))  # first of equals: rrf before others

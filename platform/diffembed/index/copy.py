@@ -1,8 +1,9 @@
 """Copy a collection from the embedded store (Qdrant Edge) to a Qdrant server: moving off one machine.
 
 The copy streams the source page by page (`iter_points`) and writes every point to the target as it is
-(`upsert_points`): the same ids, the same dense and BM25 sparse vectors, the same payloads. The target
-collection is created with the source's vector name, size and distance, its BM25 setting, its embedding
+(`upsert_points`): the same ids, the same dense (or multivector) and BM25 sparse vectors, the same payloads. The
+target collection is created with the source's vector name, size and distance, single or multivector, its BM25
+setting, its embedding
 fingerprint and its tuned hybrid fusion (when set); a target that already exists must fit all of these, so a
 target holding vectors of another embedding function fails with the one-line fingerprint error before
 anything is written. The target's own
@@ -94,9 +95,10 @@ def _is_transport(exc: BaseException) -> bool:
 
 
 def _source_layout(meta: dict[str, Any]) -> dict[str, Any]:
-    """Vector name, size, distance and BM25 of an Edge collection, from its collection.json."""
+    """Vector name, size, distance, single or multivector, and BM25 of an Edge collection, from its
+    collection.json."""
     return {"vector_name": meta["vector_name"], "size": int(meta["size"]), "distance": meta["distance"],
-            "sparse": bool(meta.get("sparse"))}
+            "sparse": bool(meta.get("sparse")), "multivector": bool(meta.get("multivector"))}
 
 
 def _target_config(cfg: StoreConfig, layout: dict[str, Any], explicit: set[str]) -> StoreConfig:
@@ -157,7 +159,8 @@ def copy_collection(cfg: CopyConfig, progress: bool = True, target_store: Any = 
             target = ServerStore(_target_config(cfg.target, layout, cfg.target.model_fields_set))
         where = target.cfg.url or "the target store"
         try:
-            target.ensure_collection(layout["size"], fingerprint)  # a mismatch fails here, before any write
+            # a mismatch fails here, before any write
+            target.ensure_collection(layout["size"], fingerprint, multivector=layout["multivector"])
         except ConfigError:
             raise
         except Exception as exc:

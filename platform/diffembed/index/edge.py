@@ -1,10 +1,10 @@
 """The embedded store: one Qdrant Edge shard per collection, in this process.
 
 Layout under `store.path`: `<collection>/shard/` is the Edge shard (segments, write-ahead log, its own config)
-and `<collection>/collection.json` records what the collection holds (vector name/size/distance, BM25, the
-embedding fingerprint, the Edge version that wrote it) and its tuned hybrid fusion (`search`, when set).
-`collection.json` is written last when a collection is created, so a crash mid-creation leaves a shard without
-it, which the next `ensure_collection` replaces.
+and `<collection>/collection.json` records what the collection holds (vector name/size/distance, single or
+multivector, BM25, the embedding fingerprint, the Edge version that wrote it) and its tuned hybrid fusion
+(`search`, when set). `collection.json` is written last when a collection is created, so a crash mid-creation
+leaves a shard without it, which the next `ensure_collection` replaces.
 
 Edge allows one process per shard directory: a second process gets a one-line `StoreBusy` error, never a
 hang. Updates go through Edge's write-ahead log, so a process killed mid-load reopens with every acknowledged
@@ -45,8 +45,10 @@ from diffembed.index.store import (
     complete_from_payloads,
     dense_list,
     fuse_hits,
+    multivector_of,
     point_id,
     point_payload,
+    query_list,
     validate_filter,
 )
 
@@ -149,21 +151,26 @@ class EdgeStore:
 
     # -- collection ---------------------------------------------------------------------------------------
 
-    def _edge_config(self, dim: int):
+    def _edge_config(self, dim: int, multivector: bool = False):
         import qdrant_edge as e
 
         distance = {"cosine": e.Distance.Cosine, "dot": e.Distance.Dot, "euclid": e.Distance.Euclid}[self.cfg.distance]
         quantization = None
         if self.cfg.quantization == "int8":
             quantization = e.ScalarQuantizationConfig(type=e.ScalarType.Int8, quantile=0.99, always_ram=True)
+        # a multivector point holds several `dim`-dim vectors, compared with a multivector query by MaxSim
+        multi = e.MultiVectorConfig(comparator=e.MultiVectorComparator.MaxSim) if multivector else None
         vectors = {self.cfg.vector_name: e.EdgeVectorParams(
-            size=dim, distance=distance, on_disk=self.cfg.on_disk_vectors or None, quantization_config=quantization)}
+            size=dim, distance=distance, on_disk=self.cfg.on_disk_vectors or None, multivector_config=multi,
+            quantization_config=quantization)}
         sparse = {SPARSE_VECTOR_NAME: e.EdgeSparseVectorParams(modifier=e.Modifier.Idf)} if self.cfg.sparse else None
         return e.EdgeConfig(vectors=vectors, sparse_vectors=sparse)
 
-    def ensure_collection(self, dim: int, fingerprint: dict[str, Any] | None = None) -> None:
+    def ensure_collection(self, dim: int, fingerprint: dict[str, Any] | None = None,
+                          multivector: bool | None = None) -> None:
+        multivector = multivector_of(fingerprint) if multivector is None else multivector
         if self.exists():
-            self._check_existing(dim, fingerprint)
+            self._check_existing(dim, fingerprint, multivector)
             self._shard_handle()
             return
         self._check_not_legacy()
@@ -174,7 +181,7 @@ class EdgeStore:
             shutil.rmtree(self.shard_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            shard = e.EdgeShard.create(str(self.shard_dir), self._edge_config(dim))
+            shard = e.EdgeShard.create(str(self.shard_dir), self._edge_config(dim, multivector))
         except Exception as exc:
             raise self._open_error(exc) from None
         shard.update(e.UpdateOperation.create_field_index("doc_id", e.PayloadSchemaType.Keyword))
@@ -183,7 +190,7 @@ class EdgeStore:
         meta = {
             "layout": LAYOUT_VERSION, "edge_version": edge_version(), "collection": self.cfg.collection,
             "vector_name": self.cfg.vector_name, "size": int(dim), "distance": self.cfg.distance,
-            "sparse": self.cfg.sparse, "fingerprint": fingerprint,
+            "multivector": bool(multivector), "sparse": self.cfg.sparse, "fingerprint": fingerprint,
         }
         self._write_meta(meta)  # last: the collection exists from here on
 
@@ -219,10 +226,11 @@ class EdgeStore:
             raise StoreError(f"{self.root} holds a qdrant-client local-mode store, which diffembed no longer "
                              "writes; use another store.path (and re-embed), or keep it for qdrant-client")
 
-    def _check_existing(self, dim: int, fingerprint: dict[str, Any] | None) -> None:
+    def _check_existing(self, dim: int, fingerprint: dict[str, Any] | None, multivector: bool = False) -> None:
         meta = self.meta()
         check_collection(self.cfg, dim, {meta.get("vector_name"): (meta.get("size"), meta.get("distance"))},
-                         bool(meta.get("sparse")), meta.get("fingerprint"), fingerprint)
+                         bool(meta.get("sparse")), meta.get("fingerprint"), fingerprint,
+                         stored_multivector=bool(meta.get("multivector")), multivector=multivector)
 
     def fingerprint(self) -> dict[str, Any] | None:
         return self.meta().get("fingerprint") if self.exists() else None
@@ -278,8 +286,11 @@ class EdgeStore:
     def upsert(self, records: Sequence[ChunkRecord]) -> None:
         if not records:
             return
-        # (N, D); Edge converts numpy rows faster than Python lists
-        dense = np.stack([np.asarray(r.vector, dtype=np.float32).reshape(-1) for r in records])
+        # (N, D), or (N, K, D) for multivectors; Edge converts numpy rows faster than Python lists
+        dense = np.stack([np.asarray(r.vector, dtype=np.float32) for r in records])
+        if dense.ndim not in (2, 3):
+            raise ValueError(f"dense vectors of shape {dense.shape[1:]}: one (D,) vector or a (K, D) multivector "
+                             "per point")
         self._write([
             self._edge_point(point_id(self.cfg.collection, r.doc_id, r.chunk_index), self._record_vectors(r, d),
                              point_payload(r, self.cfg.store_text))
@@ -359,15 +370,16 @@ class EdgeStore:
 
     def search(self, dense: np.ndarray | None, text: str | None, top_k: int = 10, mode: SearchMode = "dense",
                filter: dict[str, Any] | None = None, fusion: str | None = None,
-               dense_weight: float | None = None) -> list[Hit]:
-        """Top points by the dense vector, by BM25 on the text, or both fused: `fusion`/`dense_weight` when
-        given, else the collection's tuned setting, else RRF (`diffembed.index.fusion`)."""
+               dense_weight: float | None = None, payload: bool | list[str] = True) -> list[Hit]:
+        """Top points by the dense vector ((D,), or (K, D) on a multivector collection), by BM25 on the text, or
+        both fused: `fusion`/`dense_weight` when given, else the collection's tuned setting, else RRF
+        (`diffembed.index.fusion`). `payload`: the payload keys each hit carries (True: all)."""
         import qdrant_edge as e
 
         check_search(self.cfg, dense, text, mode)
         settings = resolve(self.search_settings(), fusion, dense_weight) if mode == "hybrid" else None
         flt = self._filter(filter)
-        dense_q = None if dense is None else np.asarray(dense, dtype=np.float32).reshape(-1).tolist()
+        dense_q = query_list(dense)  # (D,) or a multivector query (K, D)
         sparse_q = query_vector(text) if mode != "dense" and text is not None else None
 
         def nearest(kind: str):
@@ -380,9 +392,10 @@ class EdgeStore:
             return []  # a text of stopwords only matches nothing
         if settings is not None and settings.fusion == "weighted":
             limit = HYBRID_PREFETCH * top_k
-            dense_hits = self._query(e.QueryRequest(limit=limit, query=nearest("dense"), filter=flt, with_payload=True))
+            dense_hits = self._query(e.QueryRequest(limit=limit, query=nearest("dense"), filter=flt,
+                                                    with_payload=payload))
             sparse_hits = self._query(e.QueryRequest(limit=limit, query=nearest("sparse"), filter=flt,
-                                                     with_payload=True)) if sparse_q.indices else []
+                                                     with_payload=payload)) if sparse_q.indices else []
             return fuse_hits(dense_hits, sparse_hits, settings, top_k)
         if settings is not None:
             limit = HYBRID_PREFETCH * top_k
@@ -391,9 +404,9 @@ class EdgeStore:
                 prefetches.append(e.Prefetch(limit=limit, query=nearest("sparse"), filter=flt))
             engine_fusion = e.Fusion.Rrf(k=RRF_K) if settings.fusion == "rrf" else e.Fusion.Dbsf()
             request = e.QueryRequest(limit=top_k, prefetches=prefetches, query=engine_fusion, filter=flt,
-                                     with_payload=True)
+                                     with_payload=payload)
         else:
-            request = e.QueryRequest(limit=top_k, query=nearest(mode), filter=flt, with_payload=True)
+            request = e.QueryRequest(limit=top_k, query=nearest(mode), filter=flt, with_payload=payload)
         return self._query(request)
 
     def _query(self, request) -> list[Hit]:

@@ -2,7 +2,8 @@
 
 Requests are retried on connection errors, timeouts and 5xx (never on 4xx); the API key comes from
 `QDRANT_API_KEY`; collections the job creates get the configured shards/replicas. The embedding fingerprint
-and the tuned hybrid fusion (`diffembed_search`) live in the collection's metadata. HNSW indexing is paused
+and the tuned hybrid fusion (`diffembed_search`) live in the collection's metadata; a multivector collection's
+dense vector has Qdrant's MaxSim multivector config. HNSW indexing is paused
 during a bulk load (indexing threshold 0) and restored at its end; the threshold to restore is recorded in the collection's metadata first, so a run killed
 mid-load is repaired by the next one at its start. Tests use qdrant-client's local mode as a stand-in for the
 server's client API (`ServerStore(cfg, client=QdrantClient(path=...))`); the product never does.
@@ -41,8 +42,10 @@ from diffembed.index.store import (
     complete_from_payloads,
     dense_list,
     fuse_hits,
+    multivector_of,
     point_id,
     point_payload,
+    query_list,
     validate_filter,
 )
 
@@ -155,11 +158,14 @@ class ServerStore:
         if self.exists():
             self._call(self.client.delete_collection, self.cfg.collection)
 
-    def ensure_collection(self, dim: int, fingerprint: dict[str, Any] | None = None) -> None:
-        """Create the collection for `dim`-dim vectors, or check that the existing one fits (ConfigError if not)."""
+    def ensure_collection(self, dim: int, fingerprint: dict[str, Any] | None = None,
+                          multivector: bool | None = None) -> None:
+        """Create the collection for `dim`-dim vectors (multivectors of them, MaxSim, when `multivector`; None: as
+        the fingerprint says), or check that the existing one fits (ConfigError if not)."""
         name = self.cfg.collection
+        multivector = multivector_of(fingerprint) if multivector is None else multivector
         if self._call(self.client.collection_exists, name):
-            self._check_existing(dim, fingerprint)
+            self._check_existing(dim, fingerprint, multivector)
             return
         quantization = None
         if self.cfg.quantization == "int8":
@@ -172,6 +178,8 @@ class ServerStore:
                 distance=_DISTANCES[self.cfg.distance],
                 on_disk=self.cfg.on_disk_vectors,
                 quantization_config=quantization,  # per vector: only the dense one is quantized
+                multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM)
+                if multivector else None,
             )
         }
         sparse = (
@@ -189,7 +197,7 @@ class ServerStore:
             # another process may have created it between our check and our create
             if not self._call(self.client.collection_exists, name):
                 raise
-            self._check_existing(dim, fingerprint)
+            self._check_existing(dim, fingerprint, multivector)
             return
         self._index_doc_id()
 
@@ -205,7 +213,7 @@ class ServerStore:
                 wait=True,
             )
 
-    def _check_existing(self, dim: int, fingerprint: dict[str, Any] | None = None) -> None:
+    def _check_existing(self, dim: int, fingerprint: dict[str, Any] | None = None, multivector: bool = False) -> None:
         cfg, name = self.cfg, self.cfg.collection
         info = self._call(self.client.get_collection, name)
         params = info.config.params
@@ -219,7 +227,8 @@ class ServerStore:
         sparse = (params.sparse_vectors or {}).get(SPARSE_VECTOR_NAME)
         check_collection(cfg, dim, {n: (v.size, v.distance.value.lower()) for n, v in vectors.items()},
                          sparse is not None, (getattr(info.config, "metadata", None) or {}).get(FINGERPRINT_KEY),
-                         fingerprint)
+                         fingerprint, stored_multivector=vectors[cfg.vector_name].multivector_config is not None,
+                         multivector=multivector)
         if cfg.sparse and sparse.modifier != models.Modifier.IDF:
             raise ConfigError(
                 f"collection {name!r} has sparse vector {SPARSE_VECTOR_NAME!r} without the IDF modifier; "
@@ -354,11 +363,13 @@ class ServerStore:
         filter: dict[str, Any] | None = None,
         fusion: str | None = None,
         dense_weight: float | None = None,
+        payload: bool | list[str] = True,
     ) -> list[Hit]:
         """Top points for a query: by its dense vector, by BM25 on its text, or both fused (`fusion`/
         `dense_weight` when given, else the collection's tuned setting, else RRF at k=RRF_K).
 
-        `filter` is a `validate_filter` spec, e.g. {"doc_id": ["a", "b"], "meta.lang": "en"}.
+        `dense` is (D,), or (K, D) on a multivector collection (MaxSim). `filter` is a `validate_filter` spec,
+        e.g. {"doc_id": ["a", "b"], "meta.lang": "en"}. `payload`: the payload keys each hit carries (True: all).
         """
         check_search(self.cfg, dense, text, mode)
         settings = None
@@ -366,7 +377,7 @@ class ServerStore:
             stored = self.search_settings() if fusion is None and dense_weight is None else None
             settings = resolve(stored, fusion, dense_weight)
         flt = server_filter(filter)
-        dense_q = None if dense is None else np.asarray(dense, dtype=np.float32).reshape(-1).tolist()
+        dense_q = query_list(dense)  # (D,) or a multivector query (K, D)
         sparse_q = query_vector(text) if mode != "dense" and text is not None else None
         kwargs: dict[str, Any] = {}
         if mode == "dense":
@@ -376,7 +387,7 @@ class ServerStore:
                 return []  # a text of stopwords only matches nothing
             kwargs = {"query": sparse_q, "using": SPARSE_VECTOR_NAME}
         elif settings.fusion == "weighted":
-            return self._weighted(dense_q, sparse_q, flt, settings, top_k)
+            return self._weighted(dense_q, sparse_q, flt, settings, top_k, payload)
         else:
             limit = HYBRID_PREFETCH * top_k
             prefetch = [models.Prefetch(query=dense_q, using=self.cfg.vector_name, limit=limit, filter=flt)]
@@ -390,20 +401,20 @@ class ServerStore:
             collection_name=self.cfg.collection,
             query_filter=flt,
             limit=top_k,
-            with_payload=True,
+            with_payload=payload,
             **kwargs,
         )
         return [Hit.from_scored(p.id, p.score, p.payload) for p in response.points]
 
-    def _weighted(self, dense_q: list[float], sparse_q: models.SparseVector, flt: models.Filter | None,
-                  settings: FusionSettings, top_k: int) -> list[Hit]:
+    def _weighted(self, dense_q: list, sparse_q: models.SparseVector, flt: models.Filter | None,
+                  settings: FusionSettings, top_k: int, payload: bool | list[str] = True) -> list[Hit]:
         """Weighted fusion has no server form: both lists in one batch request, fused here."""
         limit = HYBRID_PREFETCH * top_k
         requests = [models.QueryRequest(query=dense_q, using=self.cfg.vector_name, filter=flt, limit=limit,
-                                        with_payload=True)]
+                                        with_payload=payload)]
         if sparse_q.indices:
             requests.append(models.QueryRequest(query=sparse_q, using=SPARSE_VECTOR_NAME, filter=flt, limit=limit,
-                                                with_payload=True))
+                                                with_payload=payload))
         responses = self._call(self.client.query_batch_points, collection_name=self.cfg.collection, requests=requests)
         lists = [[Hit.from_scored(p.id, p.score, p.payload) for p in r.points] for r in responses] + [[]]
         return fuse_hits(lists[0], lists[1], settings, top_k)

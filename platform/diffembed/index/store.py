@@ -1,9 +1,9 @@
 """The one store interface: a collection of document points, on Qdrant Edge (embedded) or a Qdrant server.
 
-Every point is one stored vector of one document (the whole document, or one window under the `best` document
-policy), keyed by a UUID derived from (collection, doc_id, chunk_index): a rerun or a retried request
-overwrites the same points instead of adding copies, and the batch job asks which documents are complete
-(`complete_docs`) to resume where it stopped.
+Every point is one stored vector of one document (the whole document, or one window or chunk under the `best` /
+`late_chunk` document policies), keyed by a UUID derived from (collection, doc_id, chunk_index): a rerun or a
+retried request overwrites the same points instead of adding copies, and the batch job asks which documents are
+complete (`complete_docs`) to resume where it stopped.
 
 Backends (`open_store(cfg)` picks one):
 - `edge` (`store.path`, the default): Qdrant Edge, Qdrant's own engine in this process (`diffembed.index.edge`);
@@ -13,6 +13,11 @@ Both keep the collection's embedding fingerprint (`diffembed.index.fingerprint`)
 vectors (`diffembed.index.sparse`) under Qdrant's IDF modifier and fuse hybrid queries the same way (RRF at the
 same k, DBSF, or weighted; `diffembed.index.fusion`), so the same collection ranks the same on either backend.
 A collection may store its tuned fusion (`set_search_settings`); a hybrid search naming none uses it.
+
+Multivector collections (an embedder with `mask_vectors: multi`): each point's dense vector is the input's K
+vectors, a Qdrant multivector compared by MaxSim (the sum over the query's vectors of the best dot product with
+the point's vectors; the vectors are unit length, so cosine is dot). A search then takes a (K, D) query. A
+collection is single- or multi-vector for good: opening it with the other kind of model is a one-line error.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ class ChunkRecord:
     doc_id: str
     chunk_index: int
     n_chunks: int
-    vector: np.ndarray  # float32, (D,)
+    vector: np.ndarray  # float32, (D,); (K, D) in a multivector collection
     token_span: tuple[int, int]
     char_span: tuple[int, int]
     text: str | None = None  # needed for the BM25 vector even when store_text is off
@@ -90,7 +95,7 @@ class StoredPoint:
     """A point as read back (for copying a collection between backends)."""
 
     id: str
-    vectors: dict[str, Any]  # name -> list[float] (dense) or (indices, values) (sparse)
+    vectors: dict[str, Any]  # name -> list[float] (dense), list[list[float]] (multivector) or (indices, values)
     payload: dict
 
 
@@ -116,11 +121,29 @@ def point_payload(record: ChunkRecord, store_text: bool) -> dict[str, Any]:
     return payload
 
 
-def dense_list(record: ChunkRecord) -> list[float]:
+def dense_list(record: ChunkRecord) -> list[float] | list[list[float]]:
+    """The record's dense vector as JSON-ready lists: (D,) -> list, a multivector (K, D) -> K lists."""
     vector = np.asarray(record.vector, dtype=np.float32)
-    if vector.ndim != 1:
+    if vector.ndim not in (1, 2) or vector.size == 0:
         raise ValueError(f"doc {record.doc_id!r} chunk {record.chunk_index}: vector has shape {vector.shape}")
     return vector.tolist()
+
+
+def query_list(dense: Any) -> list[float] | list[list[float]] | None:
+    """A dense query as the engines take it: (D,) -> list; a multivector (K, D) -> K lists (MaxSim)."""
+    if dense is None:
+        return None
+    vector = np.asarray(dense, dtype=np.float32)
+    if vector.ndim == 2:
+        return vector.tolist()
+    return vector.reshape(-1).tolist()
+
+
+def multivector_of(fingerprint: dict[str, Any] | None) -> bool:
+    """Whether the embedding function a fingerprint records gives multivectors (mask readout, `mask_vectors:
+    multi`); no fingerprint: no."""
+    function = (fingerprint or {}).get("function") or {}
+    return function.get("pooling") == "mask" and function.get("mask_vectors") == "multi"
 
 
 def validate_filter(spec: dict[str, Any] | None) -> list[tuple[str, Any]]:
@@ -158,9 +181,11 @@ class VectorStore(Protocol):
 
     def exists(self) -> bool: ...
 
-    def ensure_collection(self, dim: int, fingerprint: dict[str, Any] | None = None) -> None:
-        """Create the collection for `dim`-dim vectors with this embedding fingerprint, or check that the existing
-        one fits (StoreError / ConfigError naming what differs)."""
+    def ensure_collection(self, dim: int, fingerprint: dict[str, Any] | None = None,
+                          multivector: bool | None = None) -> None:
+        """Create the collection for `dim`-dim vectors (multivectors of `dim`-dim vectors, MaxSim, when
+        `multivector`; None: as the fingerprint's embedding function says) with this embedding fingerprint, or
+        check that the existing one fits (StoreError / ConfigError naming what differs)."""
 
     def fingerprint(self) -> dict[str, Any] | None: ...
 
@@ -185,9 +210,10 @@ class VectorStore(Protocol):
 
     def search(self, dense: np.ndarray | None, text: str | None, top_k: int = 10, mode: SearchMode = "dense",
                filter: dict[str, Any] | None = None, fusion: str | None = None,
-               dense_weight: float | None = None) -> list[Hit]:
+               dense_weight: float | None = None, payload: bool | list[str] = True) -> list[Hit]:
         """Top points; hybrid fuses dense and BM25 by `fusion`/`dense_weight`, else by the collection's stored
-        setting (`search_settings`), else RRF."""
+        setting (`search_settings`), else RRF. `dense` is (D,), or (K, D) on a multivector collection. `payload`:
+        the payload keys each hit carries (True: all)."""
 
     def search_settings(self) -> FusionSettings | None:
         """The fusion setting stored with the collection (None: never tuned, hybrid uses RRF)."""
@@ -233,9 +259,11 @@ def check_search(cfg: StoreConfig, dense: Any, text: str | None, mode: str) -> N
 
 
 def check_collection(cfg: StoreConfig, dim: int, dense: dict[str, tuple[int, str]], has_sparse: bool,
-                     stored_fingerprint: dict[str, Any] | None, fingerprint: dict[str, Any] | None) -> None:
+                     stored_fingerprint: dict[str, Any] | None, fingerprint: dict[str, Any] | None,
+                     stored_multivector: bool = False, multivector: bool = False) -> None:
     """Whether an existing collection fits this config and model (both backends): its dense vectors
-    (name -> (size, distance)), its BM25 vector, its embedding fingerprint. ConfigError naming what differs."""
+    (name -> (size, distance)), single or multi (`stored_multivector`, the model's: `multivector`), its BM25
+    vector, its embedding fingerprint. ConfigError naming what differs."""
     from diffembed.index.fingerprint import mismatch_message
     from diffembed.index.sparse import SPARSE_VECTOR_NAME
 
@@ -243,6 +271,14 @@ def check_collection(cfg: StoreConfig, dim: int, dense: dict[str, tuple[int, str
     if cfg.vector_name not in dense:
         raise ConfigError(f"collection {name!r} has no dense vector named {cfg.vector_name!r} (it has: "
                           f"{sorted(dense) or 'none'}); set store.vector_name or store.collection")
+    if stored_multivector and not multivector:
+        raise ConfigError(f"collection {name!r} stores multivectors (several vectors per point, scored by MaxSim) "
+                          "and this model gives one vector per input; use another store.collection, or the "
+                          "multivector model (mask_vectors: multi) that filled it")
+    if multivector and not stored_multivector:
+        raise ConfigError(f"collection {name!r} stores one vector per point and this model is a multivector model "
+                          "(mask_vectors: multi: several vectors per input, scored by MaxSim); use another "
+                          "store.collection, or re-embed it (embed job: recreate=true)")
     size, distance = dense[cfg.vector_name]
     if size != dim or distance != cfg.distance:
         stored = f"{size}-dim {distance} vectors under {cfg.vector_name!r}"
@@ -283,3 +319,19 @@ def fuse_hits(dense_hits: Sequence[Hit], sparse_hits: Sequence[Hit], settings: F
         hit = by_id[pid]
         out.append(Hit(hit.id, float(score), hit.doc_id, hit.chunk_index, hit.token_span, hit.char_span, hit.payload))
     return out
+
+
+def document_points(store: VectorStore, dense: Any, text: str | None, mode: SearchMode, doc_ids: Sequence[str],
+                    first_only: bool, limit: int, filter: dict[str, Any] | None = None) -> list[Hit]:
+    """The points of these documents (`first_only`: their chunk 0), at most `limit`, scored for a query exactly as
+    a search scores them: one search in the same mode, filtered to those points (the caller's filter with
+    `doc_id`, and `chunk_index` for `first_only`, set), hits carrying the PAYLOAD_KEYS only. A dense or BM25 score
+    is the point's own; a point no query term matches is left out, and so is every point of a hybrid search,
+    whose fused scores are rank-based (no point has one of its own outside the fused list): `[]`."""
+    ids = list(dict.fromkeys(str(d) for d in doc_ids))
+    if not ids or limit < 1 or mode == "hybrid":
+        return []
+    spec = {**(filter or {}), "doc_id": ids}
+    if first_only:
+        spec["chunk_index"] = 0
+    return store.search(dense, text, top_k=limit, mode=mode, filter=spec, payload=list(PAYLOAD_KEYS))

@@ -15,6 +15,10 @@ and what it answers. Design choices:
   calibration of `diffembed.serving.quantize`), `binary` / `ubinary` (sign bits packed 8 per byte, ceil(D/8)
   integers). One format per request keeps both routes' response shapes unchanged: `/v1/embeddings` puts the
   value in `data[i].embedding`, `/embed` answers a bare list (TEI's shape) of such values.
+- **Multivector models** (`mask_vectors: multi`, `ModelCard.vectors_per_input` K > 1): `/embed` answers K values
+  per input (a list of K vectors, each in the requested encoding_format and `dimensions`); `/v1/embeddings`,
+  whose OpenAI shape has one vector per input, is a 422 (`multivector_model`) naming `/embed` (a mean of the K
+  vectors is not what the model's MaxSim scores).
 - **Errors**: every error is `{"error": {"message", "type", "code", "request_id"}}` (`ErrorResponse`); every
   response carries an `X-Request-Id` header (the client's when it is a token of at most 128 characters of
   `[A-Za-z0-9._-]`, else a generated one).
@@ -168,8 +172,9 @@ class EmbeddingsResponse(_Response):
     usage: Usage
 
 
-class EmbedResponse(RootModel[list[Vector]]):
-    """One value per input, in order (TEI's bare list)."""
+class EmbedResponse(RootModel[list[Vector | list[Vector]]]):
+    """One value per input, in order (TEI's bare list); for a multivector model (`vectors_per_input` K > 1) each
+    input's value is its K vectors' values."""
 
 
 class SearchHit(_Response):
@@ -197,6 +202,8 @@ class ModelCard(_Response):
     vocab_size: int | None = Field(description="Token ids in inputs must be below this.")
     query_instruction: str | None
     encoding_formats: list[EncodingFormat]
+    vectors_per_input: int = Field(description="1; K for a multivector model (mask_vectors: multi), whose inputs are "
+                                   "K vectors each, scored by MaxSim: /embed returns them, /v1/embeddings refuses.")
 
 
 class ModelList(_Response):

@@ -27,7 +27,8 @@ Kind = Literal["query", "document"]
 
 
 class InputTooLong(InvalidInput):
-    """An input does not fit one window (or the policy's windows) and the request asked not to truncate."""
+    """An input does not fit one window (or the policy's windows, or is several late-chunked chunks) and the
+    request asked not to truncate."""
 
     code = "input_too_long"
 
@@ -100,7 +101,7 @@ def batch_tokens(items: list[Item]) -> int:
 
 @dataclass
 class EncodeResult:
-    vectors: np.ndarray  # (N, D) float32
+    vectors: np.ndarray  # (N, D) float32; (N, K, D) for a multivector model (mask_vectors: multi)
     tokens: list[int]  # tokens per input (after truncation, incl. special tokens)
 
 
@@ -159,6 +160,7 @@ class EncoderImpl:
         cfg = self.embedder.config
         return {"model": cfg.model, "dimension": self.embedder.dimension, "hidden_size": self.embedder.hidden_size,
                 "max_length": cfg.max_length, "normalize": cfg.normalize,
+                "vectors_per_input": cfg.mask_tokens if self.embedder.multivector else 1,
                 "documents": cfg.documents.model_dump(mode="json"), "vocab_size": len(self.embedder.tokenizer),
                 "query_instruction": cfg.query_instruction}
 
@@ -181,14 +183,17 @@ class EncoderImpl:
         the instruction and windows exactly as for text); ids outside the vocabulary are `InvalidInput`.
 
         Without `truncate`, an input that does not fit is an error rather than silently cut: a query or a
-        `first`-policy document longer than max_length, or a `best`-policy document of several windows (it
-        has no single vector; with `truncate` it gets its first window's, the index's point 0).
+        `first`-policy document longer than max_length, or a `best`-policy document of several windows or a
+        `late_chunk` one of several chunks (it has no single vector; with `truncate` it gets the index's point 0:
+        its first window's vector, or its first chunk's, pooled from the same forward pass over its first
+        (macro-)window as the batch job's).
         """
         from diffembed.models.embedder import TokenIdError  # torch stays out of the ingress, which imports this
 
         emb = self.embedder
         policy = emb.config.documents.windows
-        # only `best` needs truncating to one window; `mean` averages them all, `first` cuts anyway
+        # only `best` needs truncating to one window; `mean` averages them all, `first` cuts anyway; `late_chunk`
+        # keeps its windows (chunk 0 is pooled from the whole first window's forward pass) and is trimmed below
         windows = "first" if truncate and policy == "best" else None
         if inputs and not isinstance(inputs[0], str):
             try:
@@ -203,6 +208,19 @@ class EncoderImpl:
         per_text: list[list] = [[] for _ in inputs]
         for seg in segs:
             per_text[seg.source].append(dataclasses.replace(seg, source=0))
+        if kind == "document" and policy == "late_chunk":
+            for i, segments in enumerate(per_text):
+                chunks = sum(len(s.groups) if s.groups is not None else 1 for s in segments)
+                if chunks > 1 and not truncate:
+                    raise InputTooLong(
+                        f"input[{i}] is {chunks} chunks and the document policy scores chunks separately "
+                        "(documents.windows: late_chunk); send truncate=true for its first chunk"
+                    )
+                if chunks > 1:  # the first window as it is (the same forward pass), pooled for chunk 0 only
+                    first = segments[0]
+                    per_text[i] = [dataclasses.replace(first, groups=first.groups[:1], group_spans=(
+                        first.group_spans[:1] if first.group_spans is not None else None), group_chars=(
+                        first.group_chars[:1] if first.group_chars is not None else None))]
         if not truncate:
             for i, segments in enumerate(per_text):
                 if kind == "document" and policy == "best" and len(segments) > 1:
@@ -220,10 +238,14 @@ class EncoderImpl:
         return per_text
 
     def _compute(self, items: list[Item]) -> np.ndarray:
-        """(len(items), H) pooled, un-normalised vectors: one per item under the document policy."""
+        """(len(items), H) pooled, un-normalised vectors: one per item under the document policy; (len(items), K,
+        H) for a multivector model."""
         emb = self.embedder
         segments = [dataclasses.replace(s, source=i) for i, item in enumerate(items) for s in item.segments]
-        return emb.document_vectors(segments, emb.embed_segments(segments), len(items)).numpy()
+        pooled = emb.document_vectors(segments, emb.embed_segments(segments), len(items)).numpy()  # (N[*K], H)
+        if emb.multivector:
+            return pooled.reshape(len(items), emb.config.mask_tokens, -1)  # (N*K, H) -> (N, K, H)
+        return pooled
 
     @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.005, max_concurrent_batches=1, batch_size_fn=batch_tokens)
     async def _run(self, items: list[Item]) -> list[np.ndarray]:
@@ -275,7 +297,8 @@ class EncoderImpl:
 
         tokens = [sum(len(s.ids) for s in item.segments) for item in items]
         if not pooled:
-            return EncodeResult(np.zeros((0, dimensions or self.embedder.dimension), np.float32), tokens)
+            per_input = (self.embedder.config.mask_tokens,) if self.embedder.multivector else ()
+            return EncodeResult(np.zeros((0, *per_input, dimensions or self.embedder.dimension), np.float32), tokens)
         vectors = self.embedder.finish(torch.from_numpy(np.stack(pooled)), dimensions, normalize)
         return EncodeResult(vectors, tokens)
 

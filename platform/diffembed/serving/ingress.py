@@ -15,6 +15,11 @@ error body and the ingress's log lines carry the ingress's id.
 
 The proxy answers some requests without the ingress: a full ingress queue (429 + Retry-After, plain text) and an
 app that is not running (503).
+
+A multivector model (`mask_vectors: multi`: K vectors per input, scored by MaxSim) answers /embed with K vectors
+per input (each in the request's encoding_format; `dimensions` truncates each); /v1/embeddings, whose OpenAI shape
+is one vector per input, refuses it (422 `multivector_model`, naming /embed); /search takes its K query vectors
+to a multivector collection.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class on the route methods.
@@ -349,6 +354,11 @@ class IngressImpl:
             req: EmbeddingsRequest = await self._parse(request, EmbeddingsRequest)
             inputs = self._inputs(req.input, "input")
             self._instruction(req.instruction)
+            per_input = (await self._model_info()).get("vectors_per_input", 1)
+            if per_input > 1:  # no single vector of a multivector model means what its MaxSim scores
+                raise APIError(422, f"{self.args.model_name} is a multivector model ({per_input} vectors per input, "
+                               "scored by MaxSim) and /v1/embeddings returns one vector per input; use /embed, "
+                               "which returns all of them", code="multivector_model")
             unit = bool(req.dimensions) or req.encoding_format in ("int8", "uint8")  # the calibration needs it
             result = await self._embed(inputs, kind=req.input_type, instruction=req.instruction,
                                        truncate=req.truncate, dimensions=req.dimensions,
@@ -370,6 +380,8 @@ class IngressImpl:
             self._instruction(req.instruction)
             result = await self._embed(inputs, kind=req.kind, instruction=req.instruction, truncate=req.truncate,
                                        dimensions=req.dimensions, normalize=req.normalize)
+            if result.vectors.ndim == 3:  # a multivector model: each input's K vectors, each encoded
+                return VectorJSONResponse([encode(vectors, req.encoding_format) for vectors in result.vectors])
             return VectorJSONResponse(encode(result.vectors, req.encoding_format))
 
         return await self._serve(request, "/embed", handle)
@@ -404,7 +416,7 @@ class IngressImpl:
                 "id": self.args.model_name, "object": "model", "created": 0, "owned_by": "diffembed",
                 "dimensions": info["dimension"], "max_tokens": info["max_length"],
                 "vocab_size": info.get("vocab_size"), "query_instruction": info.get("query_instruction"),
-                "encoding_formats": list(ENCODING_FORMATS),
+                "encoding_formats": list(ENCODING_FORMATS), "vectors_per_input": info.get("vectors_per_input", 1),
             }]}
 
         return await self._serve(request, "/v1/models", handle)

@@ -1,7 +1,13 @@
 """The retriever deployment: query -> encoder (through its handle) -> Qdrant -> hits grouped per document.
 
 Every Qdrant point is one chunk; a document can match with several chunks, so the retriever asks for more
-chunks than `top_k` and keeps each document's best chunk. The embedded Qdrant Edge store (a `path`) is open in one
+chunks than `top_k` and scores each document from its retrieved chunks as the served model's document policy says
+(`documents.aggregate`, read from the encoder's `info`): its best chunk (`best`), or `first_prior` / `softmax`
+(`diffembed.documents.aggregate_hits`); the points a candidate needs and the search missed (first_prior: its chunk
+0; softmax: its other chunks) are scored exactly by one more search in the same mode filtered to them
+(`document_points`; a hybrid search's fused scores are rank-based: only the fused list counts, a missing chunk 0
+counts 0). Each result shows the document's best chunk with the document's score. A multivector model's K query
+vectors search a multivector collection (MaxSim). The embedded Qdrant Edge store (a `path`) is open in one
 process, so with a path this deployment always runs exactly one replica.
 """
 
@@ -15,7 +21,7 @@ from typing import Any
 
 from ray import serve
 
-from diffembed.documents import best_hits
+from diffembed.documents import DocumentPolicy, aggregate_hits
 from diffembed.index.config import StoreConfig
 from diffembed.serving.calls import DEFAULT_DEADLINE_S, call
 from diffembed.serving.errors import BadSearchRequest, InvalidInput, StoreUnavailable, message_of, unwrap
@@ -28,18 +34,20 @@ log = logging.getLogger("ray.serve")
 CHUNK_OVERFETCH = 4  # chunks fetched per wanted document, before grouping by doc_id
 
 
-def group_hits(hits: list, top_k: int) -> list[dict[str, Any]]:
-    """Each document's best point (hits arrive best first), at most top_k documents, as JSON-ready dicts."""
+def group_hits(hits: list, top_k: int, policy: DocumentPolicy | None = None,
+               fetch: Callable[[list[str], bool, int], list] | None = None) -> list[dict[str, Any]]:
+    """At most top_k documents (hits arrive best first) as JSON-ready dicts: each document's best point, scored
+    under `policy.aggregate` (None: the best point's score; see `aggregate_hits`)."""
     return [
         {
             "doc_id": h.doc_id,
-            "score": h.score,
+            "score": score,
             "chunk_index": h.chunk_index,
             "char_span": list(h.char_span),
             "token_span": list(h.token_span),
             "payload": h.payload,
         }
-        for h in best_hits(hits, top_k)
+        for h, score in aggregate_hits(hits, top_k, policy, fetch)
     ]
 
 
@@ -163,6 +171,7 @@ class RetrieverImpl:
         self.store = open_store(self.cfg)
         self.encoder = encoder
         self.deadline_s = deadline_s
+        self._policy: DocumentPolicy | None = None  # the served model's document policy (from the encoder's info)
         # the embedded store is one in-process shard: its calls go one at a time (concurrent reads measured no
         # faster: bench/store_throughput.py); a server takes them concurrently
         self._lock = asyncio.Lock() if self.store.backend == "edge" else contextlib.nullcontext()
@@ -195,9 +204,27 @@ class RetrieverImpl:
         """Raises when Qdrant or the collection is unreachable. Cheap on any size: an estimated count."""
         return {"collection": self.cfg.collection, "points": await self._store_call(self.store.count, exact=False)}
 
+    async def policy(self) -> DocumentPolicy:
+        """The served model's document policy (how a document's chunk scores aggregate), asked once."""
+        if self._policy is None:
+            info = await call(self.encoder.info, deadline_s=self.deadline_s, what="encoder.info")
+            self._policy = DocumentPolicy.model_validate(info["documents"])
+        return self._policy
+
+    def _ranked(self, dense, query: str, top_k: int, mode: str, filter: dict | None,
+                policy: DocumentPolicy) -> list[dict[str, Any]]:
+        """The search and the aggregation of its points per document (one store call; a second one for the points
+        first_prior / softmax need that the search missed)."""
+        from diffembed.index.store import document_points
+
+        hits = self.store.search(dense, query, top_k=top_k * CHUNK_OVERFETCH, mode=mode, filter=filter)
+        return group_hits(hits, top_k, policy, lambda ids, first_only, n: document_points(
+            self.store, dense, query, mode, ids, first_only, n, filter))
+
     async def search(self, query: str, top_k: int = 10, mode: str = "dense", filter: dict | None = None,
                      instruction: str | None = None) -> list[dict[str, Any]]:
         check_filter(filter)
+        policy = await self.policy()
         dense = None
         if mode != "sparse":
             try:
@@ -208,10 +235,9 @@ class RetrieverImpl:
                 if isinstance(cause, ValueError):  # the Embedder refused the caller's query or instruction
                     raise InvalidInput(message_of(cause)) from None
                 raise
-            dense = result.vectors[0]
-        hits = await self._store_call(self.store.search, dense, query, top_k=top_k * CHUNK_OVERFETCH, mode=mode,
-                                      filter=filter, caller_input=bool(filter))
-        return group_hits(hits, top_k)
+            dense = result.vectors[0]  # (D,), or (K, D) for a multivector model
+        return await self._store_call(self._ranked, dense, query, top_k, mode, filter, policy,
+                                      caller_input=bool(filter))
 
     def __del__(self):
         try:
