@@ -235,7 +235,8 @@ _ERRORS = {
     413: "Over a size limit: body, inputs per request, characters or token ids per input.",
     422: "The body does not match the schema, or an input cannot be embedded as asked.",
     429: "Overloaded: retry after `Retry-After` seconds.",
-    503: "A backend (encoder replicas, the store) is unavailable, or the request ran out of time.",
+    503: "A backend (encoder replicas, the store) is unavailable, or the request ran out of time; /search: also "
+         "a collection embedded by another embedding function than the served model's (code collection_mismatch).",
 }
 _REQUEST_ID_HEADER = {"X-Request-Id": {"description": "The request's id.", "schema": {"type": "string"}}}
 _RETRY_AFTER_HEADER = {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,

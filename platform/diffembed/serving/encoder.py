@@ -125,7 +125,9 @@ class EncoderImpl:
         log.addFilter(_TokenBudgetWarningFilter())
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
+        self.embedder_config = EmbedderConfig.model_validate(embedder)  # as given (the batch job fingerprints it)
+        self.embedder = Embedder(self.embedder_config)
+        self._fingerprints: dict[tuple[str, bool], dict[str, Any]] = {}
         if self.embedder.config.compile:  # compiled kernels are built before the replica takes requests
             self.embedder.warm_up()
         # One token budget: a Serve batch holds what the Embedder runs in one forward pass, unless retuned.
@@ -163,6 +165,18 @@ class EncoderImpl:
                 "vectors_per_input": cfg.mask_tokens if self.embedder.multivector else 1,
                 "documents": cfg.documents.model_dump(mode="json"), "vocab_size": len(self.embedder.tokenizer),
                 "query_instruction": cfg.query_instruction}
+
+    async def fingerprint(self, distance: str, sparse: bool) -> dict[str, Any]:
+        """The embedding fingerprint (`diffembed.index.fingerprint`) the batch job stores with a collection it fills
+        with this model and config (`distance` vectors, BM25 vectors when `sparse`). Computed once per (distance,
+        sparse) from the checkpoint's files, config and tokenizer: the weights are not loaded again."""
+        from diffembed.index.fingerprint import embedding_fingerprint
+
+        key = (distance, bool(sparse))
+        if key not in self._fingerprints:
+            self._fingerprints[key] = await asyncio.to_thread(
+                embedding_fingerprint, self.embedder_config, self.embedder.dimension, distance, bool(sparse))
+        return self._fingerprints[key]
 
     def ready(self) -> bool:
         return True

@@ -24,6 +24,13 @@ class StoreUnavailable(RuntimeError):
     """Qdrant is unreachable, failing, or the collection does not exist (yet): the ingress answers 503."""
 
 
+class CollectionMismatch(StoreUnavailable):
+    """The collection was embedded by another embedding function than the served model's (its stored fingerprint
+    differs: `diffembed.index.fingerprint.mismatch_message`): its scores would be meaningless. The ingress
+    answers 503 (code `collection_mismatch`): the deployment, not the request, is wrong, and no search can succeed
+    until the config or the collection changes."""
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The original exception under any number of Ray `RayTaskError` wrappers."""
     seen = 0

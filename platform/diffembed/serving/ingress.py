@@ -7,6 +7,12 @@ body themselves, so the size limit is checked before parsing (413), invalid JSON
 become HTTP statuses in one place, `client_error`: InvalidInput/BadSearchRequest -> 422, Overloaded (a callee's
 full queue) -> 429 with Retry-After, StoreUnavailable / a lost replica / the request deadline -> 503.
 
+A collection embedded by another embedding function than the served model's (its stored fingerprint differs:
+another model, document policy, size or distance) is CollectionMismatch: /search answers 503 with code
+`collection_mismatch` and the one-line difference (503, not a 4xx: the deployment is wrong, not the request; no
+search can succeed until the config or the collection changes), and /readyz is not ready with the same message.
+/v1/embeddings and /embed do not use the collection and keep serving.
+
 Request ids: Serve's proxy sets the `x-request-id` request header (the client's, else a generated UUID), uses it
 as `serve.get_request_context().request_id` and echoes it in the response's `X-Request-ID`. The ingress keeps that
 id when it is a sane token (<= 128 characters of [A-Za-z0-9._-]); otherwise it makes its own and adds it as a
@@ -45,7 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from diffembed.serving import api
 from diffembed.serving.api import EmbeddingsRequest, EmbedRequest, SearchRequest
 from diffembed.serving.calls import call, overloaded, replica_lost
-from diffembed.serving.errors import InvalidInput, StoreUnavailable, message_of, unwrap
+from diffembed.serving.errors import CollectionMismatch, InvalidInput, StoreUnavailable, message_of, unwrap
 from diffembed.serving.quantize import ENCODING_FORMATS, encode
 
 log = logging.getLogger("ray.serve")
@@ -81,6 +87,8 @@ def client_error(exc: BaseException) -> APIError | None:
     busy = overloaded(exc)
     if busy is not None:
         return APIError(429, message_of(busy), "overloaded_error", "overloaded", retry_after_s=busy.retry_after_s)
+    if isinstance(cause, CollectionMismatch):  # the message names up to four differing fields: keep it whole
+        return APIError(503, message_of(cause, limit=2000), "service_unavailable", "collection_mismatch")
     if isinstance(cause, StoreUnavailable):
         return APIError(503, message_of(cause), "service_unavailable", "store_unavailable")
     if isinstance(cause, InvalidInput):
@@ -332,7 +340,10 @@ class IngressImpl:
             try:
                 store = await asyncio.wait_for(self.retriever.ready.remote(), READY_TIMEOUT_S)
             except Exception as exc:
-                return unready(f"the store is not ready: {message_of(unwrap(exc))}")
+                cause = unwrap(exc)
+                if isinstance(cause, CollectionMismatch):  # the store answers; the collection is not the model's
+                    return unready(message_of(cause, limit=2000))
+                return unready(f"the store is not ready: {message_of(cause)}")
         return {"status": "ready", "encoder_replicas": replicas, "store": store}
 
     async def _readiness(self) -> dict[str, Any]:
@@ -436,7 +447,8 @@ class IngressImpl:
              summary="Readiness")
     async def readyz(self, request: Request) -> JSONResponse:
         """Readiness: 200 when the encoder has a running replica (Serve's status, not a call into its queue) and
-        the store, when configured, answers; 503 otherwise. Checked at most once per READY_TTL_S."""
+        the store, when configured, answers with a collection the served model embedded (its fingerprint); 503
+        otherwise. Checked at most once per READY_TTL_S."""
 
         async def handle():
             return await self._readiness()

@@ -9,6 +9,13 @@ chunks than `top_k` and scores each document from its retrieved chunks as the se
 counts 0). Each result shows the document's best chunk with the document's score. A multivector model's K query
 vectors search a multivector collection (MaxSim). The embedded Qdrant Edge store (a `path`) is open in one
 process, so with a path this deployment always runs exactly one replica.
+
+Before its first search (and in readiness) the retriever compares the collection's stored embedding fingerprint
+(`diffembed.index.fingerprint`) with the served model's, which the encoder computes (`encoder.fingerprint`): a
+collection embedded by another model or another document policy is `CollectionMismatch` (the ingress: 503
+`collection_mismatch`, /readyz not ready) naming what differs, once found for good; a collection without a
+fingerprint (written before they existed) is served with one warning. A missing collection is not decided: it
+is looked at again on the next call.
 """
 
 from __future__ import annotations
@@ -24,10 +31,17 @@ from ray import serve
 from diffembed.documents import DocumentPolicy, aggregate_hits
 from diffembed.index.config import StoreConfig
 from diffembed.serving.calls import DEFAULT_DEADLINE_S, call
-from diffembed.serving.errors import BadSearchRequest, InvalidInput, StoreUnavailable, message_of, unwrap
+from diffembed.serving.errors import (
+    BadSearchRequest,
+    CollectionMismatch,
+    InvalidInput,
+    StoreUnavailable,
+    message_of,
+    unwrap,
+)
 
-__all__ = ["BadSearchRequest", "InvalidInput", "StoreUnavailable", "RetrieverImpl", "classify_store_error",
-           "group_hits", "retriever_deployment"]
+__all__ = ["BadSearchRequest", "CollectionMismatch", "InvalidInput", "StoreUnavailable", "RetrieverImpl",
+           "classify_store_error", "group_hits", "retriever_deployment"]
 
 log = logging.getLogger("ray.serve")
 
@@ -172,6 +186,9 @@ class RetrieverImpl:
         self.encoder = encoder
         self.deadline_s = deadline_s
         self._policy: DocumentPolicy | None = None  # the served model's document policy (from the encoder's info)
+        self._fit_known = False  # whether the collection's fingerprint has been compared with the served model's
+        self._mismatch: str | None = None  # the comparison's one-line mismatch (None: it fits)
+        self._fit_task: asyncio.Future | None = None
         # the embedded store is one in-process shard: its calls go one at a time (concurrent reads measured no
         # faster: bench/store_throughput.py); a server takes them concurrently
         self._lock = asyncio.Lock() if self.store.backend == "edge" else contextlib.nullcontext()
@@ -201,8 +218,43 @@ class RetrieverImpl:
         return f"collection {self.cfg.collection!r} does not exist at {where}; fill it with the embed_corpus job first"
 
     async def ready(self) -> dict[str, Any]:
-        """Raises when Qdrant or the collection is unreachable. Cheap on any size: an estimated count."""
-        return {"collection": self.cfg.collection, "points": await self._store_call(self.store.count, exact=False)}
+        """Raises when Qdrant or the collection is unreachable, or the collection does not fit the served model
+        (`CollectionMismatch`). Cheap on any size: an estimated count (and the fingerprints compared once)."""
+        points = await self._store_call(self.store.count, exact=False)
+        await self.check_fit()
+        return {"collection": self.cfg.collection, "points": points}
+
+    async def check_fit(self) -> None:
+        """`CollectionMismatch` when the collection was embedded by another embedding function than the served
+        model's. Compared once; concurrent callers share the comparison, and a caller that gives up (a readiness
+        probe's timeout) leaves it running for the next. A failed comparison (store or encoder unavailable)
+        raises and is tried again on the next call."""
+        if not self._fit_known:
+            if self._fit_task is None or self._fit_task.done():
+                self._fit_task = asyncio.ensure_future(self._compare_fingerprints())
+            await asyncio.shield(self._fit_task)
+        if self._mismatch is not None:
+            raise CollectionMismatch(self._mismatch)
+
+    async def _compare_fingerprints(self) -> None:
+        from diffembed.index.fingerprint import mismatch_message
+
+        if not await self._store_call(self.store.exists):
+            return  # undecided: the search (or readiness) reports the missing collection as before
+        stored = await self._store_call(self.store.fingerprint)
+        name = self.cfg.collection
+        if stored is None:
+            log.warning("collection %r has no embedding fingerprint (written before fingerprints existed): served "
+                        "without checking that the served model embedded it", name)
+        else:
+            wanted = await call(self.encoder.fingerprint, self.cfg.distance, bool(self.cfg.sparse),
+                                deadline_s=self.deadline_s, what="encoder.fingerprint")
+            if not self.cfg.sparse:  # dense search only: BM25 vectors the collection may hold are never used
+                wanted = {**wanted, "sparse": stored.get("sparse")}
+            self._mismatch = mismatch_message(name, stored, wanted)
+            if self._mismatch is not None:
+                log.error("/search refused: %s", self._mismatch)
+        self._fit_known = True
 
     async def policy(self) -> DocumentPolicy:
         """The served model's document policy (how a document's chunk scores aggregate), asked once."""
@@ -224,6 +276,7 @@ class RetrieverImpl:
     async def search(self, query: str, top_k: int = 10, mode: str = "dense", filter: dict | None = None,
                      instruction: str | None = None) -> list[dict[str, Any]]:
         check_filter(filter)
+        await self.check_fit()
         policy = await self.policy()
         dense = None
         if mode != "sparse":
