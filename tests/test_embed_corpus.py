@@ -143,8 +143,8 @@ def test_killed_single_file_run_keeps_its_progress_and_the_rerun_equals_a_clean_
     args = [sys.executable, str(ROOT / "jobs" / "embed_corpus.py"), "--config", str(ROOT / "jobs/configs/embed_cpu.yaml"),
             f"input.paths=[{path}]", f"store.path={store}", *overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                            start_new_session=True)
+    err = open(tmp_path / "killed.err", "w")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True)
     real = sum(1 for d in docs if d["text"].strip())
     killed_at = None
     for line in proc.stdout:  # kill the driver once half of the documents are reported written
@@ -154,7 +154,9 @@ def test_killed_single_file_run_keeps_its_progress_and_the_rerun_equals_a_clean_
             break
     proc.wait(timeout=120)
     clean = all_points(clean_store)
-    assert killed_at is not None and killed_at < real, "the job finished before it could be killed"
+    err.close()
+    assert killed_at is not None and killed_at < real, (
+        "the job finished before it could be killed: " + (tmp_path / "killed.err").read_text()[-3000:])
     partial = all_points(store)
     assert len(partial) >= 0.4 * len(clean)
     rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
