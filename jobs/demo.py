@@ -74,6 +74,10 @@ def defined_here(name: str, obj: object, module: ModuleType) -> bool:
     return origin.split(".")[0] in {top, "_" + top} or name in getattr(module, "__all__", ())
 
 
+# What the batch job embeds with and Serve serves with (one point per window; a document scores as its best).
+DEMO_EMBEDDER = {"model": "all-MiniLM-L6-v2", "documents": {"windows": "best"}}
+
+
 def stdlib_documents(limit: int) -> list[tuple[str, str, str]]:
     """(id, text, module) triples; modules take turns, so a small `limit` still covers every one."""
     per_module: list[list[tuple[str, str, str]]] = []
@@ -182,7 +186,9 @@ def serve_and_query(cfg, queries: list[str], top_k: int) -> None:
     base = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = ServeArgs.from_dict({"embedder": {"model": "all-MiniLM-L6-v2"}, "store": cfg.store.model_dump(mode="json")})
+    # the collection's own embedding function: Serve refuses a collection another function embedded
+    args = ServeArgs.from_dict({"embedder": cfg.embedder.model_dump(mode="json", exclude_unset=True),
+                                "store": cfg.store.model_dump(mode="json")})
     try:
         serve.run(app_builder(args), name="demo", route_prefix="/", blocking=False)
         while True:  # /readyz answers 503 until encoder, retriever and Qdrant are ready
@@ -224,7 +230,7 @@ def index_corpus(corpus: list[tuple[str, str, str]], workdir: Path):
     path = workdir / "stdlib_docs.jsonl"
     path.write_text("".join(json.dumps({"id": i, "text": t, "module": m}) + "\n" for i, t, m in corpus))
     cfg = EmbedCorpusConfig.from_dict({
-        "embedder": {"model": "all-MiniLM-L6-v2", "documents": {"windows": "best"}},
+        "embedder": DEMO_EMBEDDER,
         "input": {"paths": [str(path)], "metadata_columns": ["module"]},
         "encode": {"batch_size": 128},
         "store": {"path": str(workdir / "qdrant"), "collection": "stdlib", "sparse": True},
