@@ -302,7 +302,7 @@ def test_changed_document_policy_or_max_length_is_never_silently_skipped(ray_clu
     store = tmp_path / "q"
     assert job(capsys, f"input.paths=[{path}]", f"store.path={store}")[0] == 0
     for change, needle in (("embedder.max_length=32", "max_length (stored 64, now 32)"),
-                           ("embedder.documents.windows=first", "documents.windows (stored 'best', now 'first')")):
+                           ("embedder.documents.windows=first", "documents.windows (stored 'late_chunk', now 'first')")):
         code, _, _, err = job(capsys, f"input.paths=[{path}]", f"store.path={store}", change)
         assert code == 2 and len(err) == 1 and needle in err[0], err
     code, summary, _, _ = job(capsys, f"input.paths=[{path}]", f"store.path={store}", "embedder.max_length=32",

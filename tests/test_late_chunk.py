@@ -143,3 +143,8 @@ def test_mask_readout_needs_a_mask_token_and_a_fitting_policy(model_path):
         EmbedderConfig.from_dict({"pooling": "mask", "mask_vectors": "multi", "documents": {"windows": "mean"}})
     assert "mask_tokens" in EmbedderConfig(pooling="mask").embedding_function()
     assert "mask_tokens" not in EmbedderConfig().embedding_function()
+
+
+def test_warm_up_runs_under_a_multi_point_policy(minilm):
+    """Serve replicas warm up (compile: true) on a long text: a late-chunked policy must not refuse it."""
+    late(minilm).warm_up()

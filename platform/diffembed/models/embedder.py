@@ -569,8 +569,8 @@ class Embedder:
         real call; a compiler that cannot run is a ConfigError here, not a failed request later."""
         texts = ["warm up", " ".join(["warm"] * (self.content_budget // 2))]
         try:
-            for n in (1, 3):
-                self.encode_documents(texts * n)
+            for n in (1, 3):  # every policy's path (encode_documents refuses a multi-point document)
+                self.encode_document_windows(texts * n)
         except Exception as exc:
             if not self.config.compile:
                 raise
