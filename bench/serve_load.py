@@ -59,7 +59,9 @@ def summary(latencies: list[float], texts: int, errors: int, elapsed: float) -> 
 
 
 async def closed_loop(url: str, requests: list[list[str]], clients: int, duration: float,
-                      model: str) -> dict[str, float]:
+                      model: str, warmup: float = 0.0) -> dict[str, float]:
+    """`clients` concurrent workers for `duration` seconds, after `warmup` seconds of the same load (not
+    counted: a server that compiles per batch shape has seen the shapes this load makes)."""
     import httpx
 
     latencies: list[float] = []
@@ -67,9 +69,9 @@ async def closed_loop(url: str, requests: list[list[str]], clients: int, duratio
     counter = iter(range(10**9))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        for body in requests[:3]:  # warm-up
+        for body in requests[:3]:
             (await client.post(url, json={"input": body, "model": model})).raise_for_status()
-        deadline = time.perf_counter() + duration
+        deadline = time.perf_counter() + warmup
 
         async def worker() -> None:
             nonlocal texts, errors
@@ -87,10 +89,21 @@ async def closed_loop(url: str, requests: list[list[str]], clients: int, duratio
                 else:
                     errors += 1
 
+        if warmup > 0:
+            await asyncio.gather(*(worker() for _ in range(clients)))
+            latencies.clear()
+            texts = errors = 0
+        before = cpu_seconds()
+        deadline = time.perf_counter() + duration
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         elapsed = time.perf_counter() - start
-    return summary(latencies, texts, errors, elapsed)
+        after = cpu_seconds()
+    result = summary(latencies, texts, errors, elapsed)
+    # CPU time each process spent on the measured load, per request, in ms
+    result["cpu_ms_per_request"] = {k: (after[k] - before[k]) * 1000 / max(result["requests"], 1)
+                                    for k in after if after[k] > before[k]}
+    return result
 
 
 PROCESSES = {"proxy": "ray::ProxyActor", "ingress": "ServeReplica:bench:Ingress",
@@ -115,16 +128,6 @@ def cpu_seconds() -> dict[str, float]:
     usage = os.times()
     out["client"] = usage.user + usage.system
     return out
-
-
-def measured(run, *args) -> dict[str, float]:
-    """`run(*args)` (a closed loop) with the CPU time each process spent on it, per request, in ms."""
-    before = cpu_seconds()
-    result = run(*args)
-    after = cpu_seconds()
-    result["cpu_ms_per_request"] = {k: (after[k] - before[k]) * 1000 / max(result["requests"], 1)
-                                    for k in after if after[k] > before[k]}
-    return result
 
 
 def wait_ready(url: str, timeout: float = 300, proc: subprocess.Popen | None = None) -> None:
@@ -164,7 +167,7 @@ def ours_args(config: Path, overrides: list[str]) -> dict[str, Any]:
     return args
 
 
-def run_ours(args: dict[str, Any], requests, clients: list[int], duration: float) -> dict[int, dict]:
+def run_ours(args: dict[str, Any], requests, clients: list[int], duration: float, warmup: float) -> dict[int, dict]:
     import ray
     from ray import serve
 
@@ -178,14 +181,16 @@ def run_ours(args: dict[str, Any], requests, clients: list[int], duration: float
         url = f"http://127.0.0.1:{port}"
         wait_ready(f"{url}/readyz")
         wait_ready(f"{url}/v1/models")
-        return {c: measured(asyncio.run, closed_loop(f"{url}/v1/embeddings", requests, c, duration, "bench"))
+        return {c: asyncio.run(closed_loop(f"{url}/v1/embeddings", requests, c, duration, "bench",
+                                           warmup))
                 for c in clients}
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def run_infinity(binary: str, extra: str, requests, clients: list[int], duration: float) -> dict[int, dict]:
+def run_infinity(binary: str, extra: str, requests, clients: list[int], duration: float,
+                 warmup: float) -> dict[int, dict]:
     from diffembed.models.loading import packaged_minilm_path
 
     port = free_port()
@@ -197,8 +202,8 @@ def run_infinity(binary: str, extra: str, requests, clients: list[int], duration
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", proc=proc)
-        return {c: measured(asyncio.run, closed_loop(f"http://127.0.0.1:{port}/embeddings", requests, c, duration,
-                                                     "bench"))
+        return {c: asyncio.run(closed_loop(f"http://127.0.0.1:{port}/embeddings", requests, c, duration,
+                                           "bench", warmup))
                 for c in clients}
     except Exception:
         log.seek(0)
@@ -238,6 +243,8 @@ def main() -> None:
     parser.add_argument("--texts-per-request", type=int, default=8)
     parser.add_argument("--words", type=int, default=120)
     parser.add_argument("--duration", type=float, default=30)
+    parser.add_argument("--warmup", type=float, default=10,
+                        help="Seconds of the same load before each measured one (both servers compile per shape).")
     parser.add_argument("--config", type=Path, default=ROOT / "serve" / "config.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Override one of ours' app args, e.g. embedder.dtype=fp32 or encoder.num_replicas=2.")
@@ -254,12 +261,13 @@ def main() -> None:
     if "in_process" not in args.skip:
         results["in_process"] = in_process(app_args, requests, min(args.duration, 15))
     if args.infinity and "infinity" not in args.skip:
-        results["infinity"] = run_infinity(args.infinity, args.infinity_args, requests, args.clients, args.duration)
+        results["infinity"] = run_infinity(args.infinity, args.infinity_args, requests, args.clients, args.duration,
+                                          args.warmup)
     if "ours" not in args.skip:
-        results["ours"] = run_ours(app_args, requests, args.clients, args.duration)
+        results["ours"] = run_ours(app_args, requests, args.clients, args.duration, args.warmup)
 
-    print(f"\n{args.texts_per_request} texts x {args.words} words per request, {args.duration:.0f} s closed loop, "
-          f"{os.cpu_count()} cores; ours: {args.config.name} {' '.join(args.set)}")
+    print(f"\n{args.texts_per_request} texts x {args.words} words per request, {args.duration:.0f} s closed loop "
+          f"after {args.warmup:.0f} s warm-up, {os.cpu_count()} cores; ours: {args.config.name} {' '.join(args.set)}")
     if "in_process" in results:
         r = results["in_process"]
         print(f"in-process Embedder, one request at a time: {r['texts_per_s']:.1f} texts/s, p50 {r['p50_ms']:.0f} ms")
