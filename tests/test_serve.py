@@ -448,13 +448,31 @@ def test_shipped_serve_configs_validate(name, monkeypatch):
     app_builder(args)  # builds the deployment graph without starting anything
 
 
-def test_group_hits_keeps_best_chunk_per_document():
-    from diffembed.index.store import Hit
-    from diffembed.serving.retriever import group_hits
+def test_search_documents_widens_until_top_k_documents(tmp_path):
+    """A document whose many chunks fill the first point list does not crowd the others out: the search widens
+    until it has top_k documents (Serve's /search and the evaluation rank through it), each document once, at its
+    best chunk, and a filter holds in every round. Real Qdrant Edge."""
+    from diffembed.index.config import StoreConfig
+    from diffembed.index.store import ChunkRecord, open_store, search_documents
 
-    def hit(doc, chunk, score):
-        return Hit(id=f"{doc}{chunk}", score=score, doc_id=doc, chunk_index=chunk, token_span=(0, 1),
-                   char_span=(0, 1), payload={})
+    rng = np.random.default_rng(0)
+    query = rng.standard_normal(16).astype(np.float32)
+    query /= np.linalg.norm(query)
 
-    grouped = group_hits([hit("a", 2, 0.9), hit("b", 0, 0.8), hit("a", 0, 0.7), hit("c", 1, 0.6)], top_k=2)
-    assert [(g["doc_id"], g["chunk_index"]) for g in grouped] == [("a", 2), ("b", 0)]
+    def near(similarity: float) -> np.ndarray:  # a unit vector at this cosine to the query
+        other = rng.standard_normal(16).astype(np.float32)
+        other -= (other @ query) * query
+        return (similarity * query + np.sqrt(1 - similarity**2) * other / np.linalg.norm(other)).astype(np.float32)
+
+    records = [ChunkRecord("long", i, 60, near(0.99 - i * 1e-4), (i, i + 1), (i, i + 1), metadata={"lang": "en"})
+               for i in range(60)]  # 60 chunks, every one closer to the query than any other document
+    records += [ChunkRecord(d, 0, 1, near(sim), (0, 1), (0, 1), metadata={"lang": lang})
+                for d, sim, lang in [("b", 0.8, "en"), ("c", 0.7, "de"), ("d", 0.6, "en")]]
+    with open_store(StoreConfig(path=str(tmp_path / "q"), collection="widen")) as store:
+        store.ensure_collection(16)
+        store.upsert(records)
+        ranked = search_documents(store, query, None, top_k=3)  # 12 points first: all of them "long"'s
+        assert [(h.doc_id, h.chunk_index) for h, _ in ranked] == [("long", 0), ("b", 0), ("c", 0)]
+        assert [round(score, 3) for _, score in ranked] == [0.99, 0.8, 0.7]
+        ranked = search_documents(store, query, None, top_k=3, filter={"meta.lang": "en"})
+        assert [h.doc_id for h, _ in ranked] == ["long", "b", "d"]

@@ -210,6 +210,12 @@ def ray_bundle(num_cpus: float = 0, num_gpus: float = 0, resources: dict[str, fl
     return {k: v for k, v in bundle.items() if v}
 
 
+def gives_multivectors(function: dict[str, Any]) -> bool:
+    """Whether an embedding function (its fields, as `EmbedderConfig.embedding_function()` records them) gives
+    several vectors per input: mask-token readout with `mask_vectors: multi`."""
+    return function.get("pooling") == "mask" and function.get("mask_vectors") == "multi"
+
+
 class EmbedderConfig(ConfigModel):
     """How to turn text into vectors: one backbone, one attention mode, one pooling, one prompt format.
 
@@ -295,7 +301,7 @@ class EmbedderConfig(ConfigModel):
     @property
     def multivector(self) -> bool:
         """Each input is several vectors (mask-token readout with `mask_vectors: multi`), scored by MaxSim."""
-        return self.pooling == "mask" and self.mask_vectors == "multi"
+        return gives_multivectors({"pooling": self.pooling, "mask_vectors": self.mask_vectors})
 
     def embedding_function(self) -> dict[str, Any]:
         """The fields that decide which vector a text gets (saved as diffembed.json beside exported weights).

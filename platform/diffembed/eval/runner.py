@@ -39,7 +39,6 @@ from diffembed.eval.report import write_results
 METRICS = ("ndcg@1", "ndcg@10", "recall@10", "recall@100", "mrr@10")
 QUERY_BLOCK = 256  # queries scored against all chunks at once (bounds the (Q, M) score matrix)
 MAXSIM_BLOCK = 1 << 24  # multivectors: query-vector x document-vector dot products held at once (64 MiB)
-CHUNK_OVERFETCH = 4  # Qdrant: chunks fetched per wanted document before aggregating each document's chunks
 
 
 def load_tasks(cfg: EvalConfig) -> dict[str, RetrievalData]:
@@ -192,7 +191,7 @@ def search_run(cfg: EvalConfig, embedder, data: RetrievalData, store_cfg, instru
                ) -> dict[str, dict[str, float]]:
     """Every query through the store interface's `search` (dense, sparse or hybrid), each document's chunks
     aggregated under the embedder's document policy (`aggregate_hits`)."""
-    from diffembed.index.store import open_store
+    from diffembed.index.store import open_store, search_documents
 
     mode, top_k = cfg.retrieval.mode, cfg.retrieval.top_k
     qids = list(data.queries)
@@ -204,30 +203,11 @@ def search_run(cfg: EvalConfig, embedder, data: RetrievalData, store_cfg, instru
     # None: the collection's stored (tuned) fusion, as the service would search it
     fusion = {"fusion": cfg.retrieval.fusion, "dense_weight": cfg.retrieval.dense_weight} if mode == "hybrid" else {}
     with open_store(store_cfg) as store:
-        points = store.count()
         for i, qid in enumerate(qids):
-            run[qid] = _documents_of_points(
-                store, None if dense is None else dense[i], data.queries[qid], top_k, mode, points, fusion, policy
-            )
+            ranked = search_documents(store, None if dense is None else dense[i], data.queries[qid], top_k, mode,
+                                      policy, **fusion)
+            run[qid] = {hit.doc_id: score for hit, score in ranked}
     return run
-
-
-def _documents_of_points(store, dense, text: str, top_k: int, mode: str, points: int,
-                         fusion: dict[str, Any] | None = None, policy=None) -> dict[str, float]:
-    """top_k documents scored from their points under `policy.aggregate` (None: each document's best point);
-    fetches more points until top_k documents are found. first_prior / softmax: the points a candidate needs and
-    the search missed (its chunk 0 / the rest of its chunks) are scored exactly by one more search filtered to
-    them (`document_points`)."""
-    from diffembed.index.store import document_points
-
-    limit = top_k * CHUNK_OVERFETCH
-    while True:
-        hits = store.search(dense, text, top_k=limit, mode=mode, **(fusion or {}))  # best first
-        if len({h.doc_id for h in hits}) >= top_k or len(hits) < limit or limit >= points:
-            ranked = aggregate_hits(hits, top_k, policy, lambda ids, first_only, n: document_points(
-                store, dense, text, mode, ids, first_only, n))
-            return {hit.doc_id: score for hit, score in ranked}
-        limit *= 2
 
 
 def used_fusion(cfg: EvalConfig, store_cfg) -> dict[str, Any]:
@@ -257,7 +237,7 @@ def tune_fusion(cfg: EvalConfig, embedder, dev: RetrievalData, store_cfg, instru
     fused here (`fuse_hits`, the stores' own fusion), then each document's points are aggregated as in
     `search_run` (a fused score is rank-based: a first chunk outside the fused list counts 0 for first_prior).
     """
-    from diffembed.index.store import HYBRID_PREFETCH, fuse_hits, open_store
+    from diffembed.index.store import CHUNK_OVERFETCH, HYBRID_PREFETCH, fuse_hits, open_store
 
     top_k = cfg.retrieval.top_k
     limit = top_k * CHUNK_OVERFETCH  # points a hybrid search asks for

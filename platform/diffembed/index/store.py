@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from diffembed.config import ConfigError
+from diffembed.config import ConfigError, gives_multivectors
 from diffembed.index.config import StoreConfig
 from diffembed.index.fusion import RRF_K, FusionSettings  # noqa: F401  (RRF_K: re-exported for the backends)
 
@@ -142,8 +142,7 @@ def query_list(dense: Any) -> list[float] | list[list[float]] | None:
 def multivector_of(fingerprint: dict[str, Any] | None) -> bool:
     """Whether the embedding function a fingerprint records gives multivectors (mask readout, `mask_vectors:
     multi`); no fingerprint: no."""
-    function = (fingerprint or {}).get("function") or {}
-    return function.get("pooling") == "mask" and function.get("mask_vectors") == "multi"
+    return gives_multivectors((fingerprint or {}).get("function") or {})
 
 
 def validate_filter(spec: dict[str, Any] | None) -> list[tuple[str, Any]]:
@@ -319,6 +318,33 @@ def fuse_hits(dense_hits: Sequence[Hit], sparse_hits: Sequence[Hit], settings: F
         hit = by_id[pid]
         out.append(Hit(hit.id, float(score), hit.doc_id, hit.chunk_index, hit.token_span, hit.char_span, hit.payload))
     return out
+
+
+CHUNK_OVERFETCH = 4  # points a document search asks for per wanted document, before aggregating each one's points
+MAX_SEARCH_POINTS = 16384  # the deepest point list a document search widens to
+
+
+def search_documents(store: VectorStore, dense: Any, text: str | None, top_k: int, mode: SearchMode = "dense",
+                     policy: Any = None, filter: dict[str, Any] | None = None, fusion: str | None = None,
+                     dense_weight: float | None = None) -> list[tuple[Hit, float]]:
+    """At most `top_k` documents, best first, each as (its best hit, its score under `policy.aggregate`; None:
+    the best point's score): what the evaluation's store path and the Serve retriever both rank.
+
+    Points are searched `top_k * CHUNK_OVERFETCH` deep, doubling (up to MAX_SEARCH_POINTS) while fewer than `top_k`
+    documents are among them and the store has more; each document's points then aggregate
+    (`diffembed.documents.aggregate_hits`), the points that needs and the search missed scored exactly by one
+    more search filtered to them (`document_points`)."""
+    from diffembed.documents import aggregate_hits
+
+    limit = top_k * CHUNK_OVERFETCH
+    while True:
+        hits = store.search(dense, text, top_k=limit, mode=mode, filter=filter, fusion=fusion,
+                            dense_weight=dense_weight)  # best first
+        if len({h.doc_id for h in hits}) >= top_k or len(hits) < limit or limit >= MAX_SEARCH_POINTS:
+            break
+        limit = min(limit * 2, MAX_SEARCH_POINTS)
+    return aggregate_hits(hits, top_k, policy, lambda ids, first_only, n: document_points(
+        store, dense, text, mode, ids, first_only, n, filter))
 
 
 def document_points(store: VectorStore, dense: Any, text: str | None, mode: SearchMode, doc_ids: Sequence[str],

@@ -28,7 +28,7 @@ from typing import Any
 
 from ray import serve
 
-from diffembed.documents import DocumentPolicy, aggregate_hits
+from diffembed.documents import DocumentPolicy
 from diffembed.index.config import StoreConfig
 from diffembed.serving.calls import DEFAULT_DEADLINE_S, call
 from diffembed.serving.errors import (
@@ -41,28 +41,22 @@ from diffembed.serving.errors import (
 )
 
 __all__ = ["BadSearchRequest", "CollectionMismatch", "InvalidInput", "StoreUnavailable", "RetrieverImpl",
-           "classify_store_error", "group_hits", "retriever_deployment"]
+           "classify_store_error", "document_hit", "retriever_deployment"]
 
 log = logging.getLogger("ray.serve")
 
-CHUNK_OVERFETCH = 4  # chunks fetched per wanted document, before grouping by doc_id
 
 
-def group_hits(hits: list, top_k: int, policy: DocumentPolicy | None = None,
-               fetch: Callable[[list[str], bool, int], list] | None = None) -> list[dict[str, Any]]:
-    """At most top_k documents (hits arrive best first) as JSON-ready dicts: each document's best point, scored
-    under `policy.aggregate` (None: the best point's score; see `aggregate_hits`)."""
-    return [
-        {
-            "doc_id": h.doc_id,
-            "score": score,
-            "chunk_index": h.chunk_index,
-            "char_span": list(h.char_span),
-            "token_span": list(h.token_span),
-            "payload": h.payload,
-        }
-        for h, score in aggregate_hits(hits, top_k, policy, fetch)
-    ]
+def document_hit(hit, score: float) -> dict[str, Any]:
+    """A ranked document as /search returns it: its best point's location and payload, the document's score."""
+    return {
+        "doc_id": hit.doc_id,
+        "score": score,
+        "chunk_index": hit.chunk_index,
+        "char_span": list(hit.char_span),
+        "token_span": list(hit.token_span),
+        "payload": hit.payload,
+    }
 
 
 # Statuses a Qdrant server answers when the request itself is wrong (a bad filter path or value, a bad field).
@@ -265,13 +259,11 @@ class RetrieverImpl:
 
     def _ranked(self, dense, query: str, top_k: int, mode: str, filter: dict | None,
                 policy: DocumentPolicy) -> list[dict[str, Any]]:
-        """The search and the aggregation of its points per document (one store call; a second one for the points
-        first_prior / softmax need that the search missed)."""
-        from diffembed.index.store import document_points
+        """Documents ranked from their points (`search_documents`) as JSON-ready dicts."""
+        from diffembed.index.store import search_documents
 
-        hits = self.store.search(dense, query, top_k=top_k * CHUNK_OVERFETCH, mode=mode, filter=filter)
-        return group_hits(hits, top_k, policy, lambda ids, first_only, n: document_points(
-            self.store, dense, query, mode, ids, first_only, n, filter))
+        return [document_hit(h, score)
+                for h, score in search_documents(self.store, dense, query, top_k, mode, policy, filter)]
 
     async def search(self, query: str, top_k: int = 10, mode: str = "dense", filter: dict | None = None,
                      instruction: str | None = None) -> list[dict[str, Any]]:
