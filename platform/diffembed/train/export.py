@@ -93,7 +93,8 @@ def write_export(cfg: TrainConfig, ckpt_dir: str, out: Path, history: list[dict[
     """Write the export into the existing directory `out`."""
     from diffembed.models.embedder import Embedder
 
-    embedder = Embedder(cfg.embedder.model_copy(update={"device": "cpu", "dtype": base_dtype(cfg.embedder)}))
+    embedder = Embedder(cfg.embedder.model_copy(
+        update={"device": "cpu", "dtype": base_dtype(cfg.embedder), "compile": False}))  # weights change below
     model = embedder.model
     state = checkpoint_state_dict(ckpt_dir, lazy=True)  # trained parameters only, read one at a time
     if cfg.lora.enabled:
