@@ -213,7 +213,7 @@ class IngressImpl:
             error = APIError(500, f"internal error: {type(unwrap(exc)).__name__}", "server_error", "internal")
         elif error.status == 429:  # the configured pause is the least a client is told to wait
             error.retry_after_s = max(error.retry_after_s or 0.0, self.args.retry_after_s)
-        if error.status >= 429:
+        if error.status >= 429 and route != "/readyz":  # "not ready" is a readiness probe's answer, not a fault
             log.warning("%s -> %d %s: %s (request_id=%s)", route, error.status, error.code, error.message, rid)
         else:
             log.info("%s -> %d %s: %s (request_id=%s)", route, error.status, error.code, error.message, rid)
