@@ -271,10 +271,9 @@ class EmbedderConfig(ConfigModel):
     max_batch_size: int = Field(256, ge=1)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     compile: bool = Field(
-        False, description="Run inference through torch.compile (dynamic shapes): fused kernels, and on CPU weights "
-        "frozen into the graph (prepacked once; fp32 and bf16 both faster, same vectors). Compiles on the first "
-        "call (tens of seconds; Serve replicas warm up before they take requests); needs a C++ compiler on CPU. "
-        "Training and export never compile.",
+        False, description="Run inference through torch.compile (dynamic shapes): fused kernels, notably on CPU in "
+        "bf16. Compiles on the first call (tens of seconds; Serve replicas warm up before they take requests); "
+        "needs a C++ compiler on CPU. Training and export never compile.",
     )
 
     @model_validator(mode="before")

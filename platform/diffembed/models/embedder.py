@@ -122,17 +122,8 @@ class Embedder:
         # wants an additive float mask and flash-attention a 2-D one, so they get the 2-D mask as before.
         self._key_padding_mask = (self.config.attention == "bidirectional"
                                   and getattr(self.model.config, "_attn_implementation", None) == "sdpa")
-        # Inference (no autograd) may run through a compiled module; training never does.
-        self._inference_model = self._compiled() if self.config.compile else self.model
-
-    def _compiled(self) -> torch.nn.Module:
-        """The model through torch.compile (dynamic shapes). On CPU the weights are frozen into the graph: constant
-        folded and prepacked for oneDNN/MKL once, where eager mode re-lays them out on every matmul (fp32 forward
-        ~1.5x faster on this repository's CPU, same vectors within 1e-5). Frozen weights are read at the first
-        call, so an Embedder whose weights change afterwards (training, a LoRA merge) must not compile; the
-        packed copies double the weights' host memory."""
-        options = {"freezing": True} if self.device.type == "cpu" else None
-        return torch.compile(self.model, dynamic=True, options=options)
+        # Inference (no autograd) may run through a compiled module sharing the weights; training never does.
+        self._inference_model = torch.compile(self.model, dynamic=True) if self.config.compile else self.model
 
     def _mask_token(self) -> int:
         """The family's mask token id (Dream <|mask|>, LLaDA <|mdm_mask|>, BERT [MASK]) for mask-token readout."""
