@@ -1,10 +1,9 @@
 """Encode throughput: our Embedder vs SentenceTransformer.encode, same model, texts and max_length, one run.
 
 Prints tokens/s of each, the ratio (ours / sentence-transformers: the median over interleaved rounds, each round
-timing both on the same machine state) and the worst cosine between the two
-outputs, in fp32 and then in bf16 (both sides in bf16), for our Embedder as configured by default and with
-`compile: true`. The texts are a deterministic mix of short and long
-documents, so padding waste matters as it does on a real corpus.
+timing both on the same machine state) and the worst cosine between the two outputs, in fp32 and then in bf16
+(both sides in bf16), for our Embedder as configured by default and with `compile: true`. The texts are a
+deterministic mix of short and long documents, so padding waste matters as it does on a real corpus.
 
     python bench/encode_throughput.py [--docs 600] [--max-length 256] [--repeats 5]
 """

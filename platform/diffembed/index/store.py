@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from diffembed.config import ConfigError, gives_multivectors
+from diffembed.documents import DocumentPolicy, aggregate_hits
 from diffembed.index.config import StoreConfig
 from diffembed.index.fusion import RRF_K, FusionSettings  # noqa: F401  (RRF_K: re-exported for the backends)
 
@@ -325,7 +326,7 @@ MAX_SEARCH_POINTS = 16384  # the deepest point list a document search widens to
 
 
 def search_documents(store: VectorStore, dense: Any, text: str | None, top_k: int, mode: SearchMode = "dense",
-                     policy: Any = None, filter: dict[str, Any] | None = None, fusion: str | None = None,
+                     policy: DocumentPolicy | None = None, filter: dict[str, Any] | None = None, fusion: str | None = None,
                      dense_weight: float | None = None) -> list[tuple[Hit, float]]:
     """At most `top_k` documents, best first, each as (its best hit, its score under `policy.aggregate`; None:
     the best point's score): what the evaluation's store path and the Serve retriever both rank.
@@ -334,8 +335,6 @@ def search_documents(store: VectorStore, dense: Any, text: str | None, top_k: in
     documents are among them and the store has more; each document's points then aggregate
     (`diffembed.documents.aggregate_hits`), the points that needs and the search missed scored exactly by one
     more search filtered to them (`document_points`)."""
-    from diffembed.documents import aggregate_hits
-
     limit = top_k * CHUNK_OVERFETCH
     while True:
         hits = store.search(dense, text, top_k=limit, mode=mode, filter=filter, fusion=fusion,

@@ -46,7 +46,6 @@ __all__ = ["BadSearchRequest", "CollectionMismatch", "InvalidInput", "StoreUnava
 log = logging.getLogger("ray.serve")
 
 
-
 def document_hit(hit, score: float) -> dict[str, Any]:
     """A ranked document as /search returns it: its best point's location and payload, the document's score."""
     return {

@@ -94,7 +94,7 @@ def write_export(cfg: TrainConfig, ckpt_dir: str, out: Path, history: list[dict[
     from diffembed.models.embedder import Embedder
 
     embedder = Embedder(cfg.embedder.model_copy(
-        update={"device": "cpu", "dtype": base_dtype(cfg.embedder), "compile": False}))  # weights change below
+        update={"device": "cpu", "dtype": base_dtype(cfg.embedder), "compile": False}))  # never encodes
     model = embedder.model
     state = checkpoint_state_dict(ckpt_dir, lazy=True)  # trained parameters only, read one at a time
     if cfg.lora.enabled:

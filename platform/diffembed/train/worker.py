@@ -120,8 +120,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.run.use_gpu else torch.device("cpu")
     use_training_attention(device)
 
-    # compile is an inference setting: the dev evaluation below must run the model DeepSpeed trains (and, under
-    # ZeRO-3, partitions), never a compiled copy of the weights as they were before training.
+    # compile is an inference setting: a compiled module would wrap the model object as built here, while the dev
+    # evaluation below must run the one DeepSpeed trains (`embedder.model` is replaced; ZeRO-3 partitions it).
     embedder = Embedder(cfg.embedder.model_copy(update={"device": str(device), "compile": False}))
     loss_fn = make_loss(cfg, embedder.dimension, cfg.loss.gather_across_workers and world > 1)
     model = build_trainable(embedder, cfg)
