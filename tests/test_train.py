@@ -50,6 +50,10 @@ def test_zero_training_learns_checkpoints_and_exports(ray_cluster, tmp_path, tin
     assert metrics["step"] == cfg.optim.max_steps == 16
     losses = [h["loss"] for h in sorted(history(cfg), key=lambda h: h["step"])]
     assert len(losses) == 16
+    times = [h["time"] for h in sorted(history(cfg), key=lambda h: h["step"])]  # each step's end, wall clock
+    assert times == sorted(times) and times[0] > 1.7e9, times
+    # the controller Ray Train started polled the workers at the configured interval, not Ray's 2 s
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == str(cfg.run.report_poll_s) == "0.25"
     # Two epochs over the same 8 batches: the second pass has a lower loss than the first.
     assert np.mean(losses[8:]) < np.mean(losses[:8]), losses
     assert len([p for p in cfg.run_dir.glob("checkpoint_*") if p.is_dir()]) >= 1

@@ -17,6 +17,11 @@ from diffembed.train.config import TrainConfig
 from diffembed.train.worker import build_trainable, train_loop_per_worker  # noqa: F401  (build_trainable: bench)
 
 
+# Ray Train's controller polls the workers this often; each `ray.train.report` waits for the previous report to be
+# taken, so with Ray's default of 2 s a step faster than that waited for the poll (TrainConfig.run.report_poll_s).
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
 def build_plan(cfg: TrainConfig) -> list[list[dict]]:
     from diffembed.files import expand_files
     from diffembed.train.data import plan_batches, read_pairs
@@ -59,6 +64,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     for key in ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TORCH_EXTENSIONS_DIR", "DIFFEMBED_CACHE"):
         if key in os.environ:
             env[key] = os.environ[key]
+    # Read by the controller Ray Train starts in fit() (Ray propagates it from this process's environment).
+    os.environ[REPORT_POLL_ENV] = str(cfg.run.report_poll_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

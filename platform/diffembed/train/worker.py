@@ -170,8 +170,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         if dev and cfg.eval.every and step_no % cfg.eval.every == 0:
             metrics.update({f"dev_{k}": v for k, v in _evaluate(embedder, engine, dev).items()})
+        # `time` (Unix seconds at the step's end, reports and checkpoints of earlier steps included) gives the
+        # run's end-to-end rate; samples_per_s is the step's own compute.
         history.append({k: v for k, v in metrics.items() if k in ("step", "loss", "lr", "samples_per_s")
-                        or k.startswith("dev_")})
+                        or k.startswith("dev_")} | {"time": round(time.time(), 3)})
         save = step_no % cfg.run.checkpoint_every == 0 or step_no == cfg.optim.max_steps
         if save or step_no % cfg.run.log_every == 0:
             probe = _probe(embedder, engine) if step_no == cfg.optim.max_steps else None
