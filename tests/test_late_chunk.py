@@ -24,6 +24,28 @@ def token_states(emb: Embedder, segment) -> torch.Tensor:
         return emb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[0]
 
 
+def test_shipped_late_chunk_policy_fills_its_windows(minilm):
+    """The shipped pipeline policy (embed_cpu.yaml; Serve checks its own equals the collection's) owns 3 chunks of
+    a 256-token window: a long document costs ~1.3x the tokens it has, not the ~2x of a context that leaves room
+    for 2 chunks only (overlap 64)."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = yaml.safe_load((root / "jobs/configs/embed_cpu.yaml").read_text())["embedder"]["documents"]
+    served = yaml.safe_load((root / "serve/config.yaml").read_text())["applications"][0]["args"]["embedder"]
+    assert served["documents"] == shipped
+
+    def cost(policy: dict) -> float:
+        emb = Embedder(EmbedderConfig(max_length=256, documents=policy), backbone=minilm.backbone)
+        segments = emb.document_segments([LONG])
+        return sum(len(s.ids) for s in segments) / segments[0].text_tokens
+
+    assert cost(shipped) < 1.4
+    assert cost({**shipped, "overlap": 64}) > 1.8
+
+
 def test_late_chunks_cover_every_token_once_with_context(minilm):
     emb = late(minilm)
     segments = emb.document_segments([LONG])

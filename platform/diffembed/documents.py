@@ -48,7 +48,10 @@ class DocumentPolicy(BaseModel):
         "a forward pass over the whole window). best / late_chunk score a document by `aggregate`.",
     )
     overlap: int = Field(64, ge=0, description="Tokens shared by consecutive windows (mean / best); late_chunk: "
-                         "context tokens a macro-window sees before the chunks it owns.")
+                         "context tokens a macro-window sees before the chunks it owns. A window owns as many whole "
+                         "chunks as fit after that context, so the cost in tokens depends on both: with 254 content "
+                         "tokens and 64-token chunks, overlap 62 owns 3 chunks (~1.3x the tokens of truncation), "
+                         "overlap 64 only 2 (~2x).")
     chunk_tokens: int = Field(128, ge=8, description="late_chunk: content tokens per chunk.")
     aggregate: Aggregate = Field(
         "best", description="Document score from its windows' (best / late_chunk): best, first_prior, softmax."
