@@ -169,10 +169,18 @@ def test_compiled_inference_equals_eager():
     eager = Embedder(EmbedderConfig(model="all-MiniLM-L6-v2", max_length=32))
     compiled = Embedder(EmbedderConfig(model="all-MiniLM-L6-v2", max_length=32, compile=True),
                         backbone=eager.backbone)
+    from torch._dynamo.utils import counters
+
     compiled.warm_up()
     assert compiled._inference_model is not compiled.model
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
     np.testing.assert_allclose(compiled.encode_documents(texts), eager.encode_documents(texts), atol=1e-5)
     np.testing.assert_allclose(compiled.encode_queries(texts[:2]), eager.encode_queries(texts[:2]), atol=1e-5)
+    # one text alone (a search query) and one document alone: shapes warm_up compiled, nothing compiles in a call
+    np.testing.assert_allclose(compiled.encode_queries(texts[2:]), eager.encode_queries(texts[2:]), atol=1e-5)
+    np.testing.assert_allclose(compiled.encode_documents(texts[:1]), eager.encode_documents(texts[:1]), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs
     batch = compiled.collate(compiled.document_segments(texts[:1]))
     with torch.enable_grad():
         compiled.pooled(batch).sum().backward()  # the eager module: gradients reach the shared weights

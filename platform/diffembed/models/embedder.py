@@ -569,8 +569,10 @@ class Embedder:
         real call; a compiler that cannot run is a ConfigError here, not a failed request later."""
         texts = ["warm up", " ".join(["warm"] * (self.content_budget // 2))]
         try:
-            for n in (1, 3):  # every policy's path (encode_documents refuses a multi-point document)
-                self.encode_document_windows(texts * n)
+            # One text alone too: torch.compile specialises a dimension of size 1, so a first single-text request
+            # (a search query) would otherwise compile a new graph in the request (~17 s on 2 CPU cores).
+            for batch in (texts[:1], texts, texts * 3):  # every policy's path (encode_document_windows)
+                self.encode_document_windows(batch)
         except Exception as exc:
             if not self.config.compile:
                 raise
