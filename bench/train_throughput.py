@@ -26,7 +26,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch
 
 from diffembed.models.embedder import Embedder
-from diffembed.train.config import TrainConfig
+from diffembed.train.config import RunConfig, TrainConfig
 from diffembed.train.loop import build_plan, build_trainable, train
 from diffembed.train.losses import info_nce
 
@@ -82,7 +82,8 @@ def main() -> None:
         span = history[-1]["time"] - history[args.warmup - 1]["time"]
         return step, args.global_batch * (len(history) - args.warmup) / span
 
-    runs = {"shipped reporting (poll 0.25 s, log_every 10)": {},
+    defaults = RunConfig()  # the reporting a job runs with unless its config says otherwise
+    runs = {f"shipped reporting (poll {defaults.report_poll_s} s, log_every {defaults.log_every})": {},
             "Ray Train defaults (poll 2 s, report every step)": {"report_poll_s": 2.0, "log_every": 1}}
     rates = {}
     with tempfile.TemporaryDirectory() as storage:

@@ -15,7 +15,7 @@ import pytest
 from diffembed import Embedder, EmbedderConfig
 from diffembed.train.config import TrainConfig
 from diffembed.train.checkpoints import PROBE_FILE
-from diffembed.train.loop import train
+from diffembed.train.loop import REPORT_POLL_ENV, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "train_tiny.yaml"
@@ -48,12 +48,14 @@ def test_zero_training_learns_checkpoints_and_exports(ray_cluster, tmp_path, tin
     cfg = tiny_config(tmp_path, tiny_checkpoints, f"deepspeed.zero_stage={stage}", *extra)
     metrics = train(cfg)
     assert metrics["step"] == cfg.optim.max_steps == 16
-    losses = [h["loss"] for h in sorted(history(cfg), key=lambda h: h["step"])]
+    steps = sorted(history(cfg), key=lambda h: h["step"])
+    losses = [h["loss"] for h in steps]
     assert len(losses) == 16
-    times = [h["time"] for h in sorted(history(cfg), key=lambda h: h["step"])]  # each step's end, wall clock
+    times = [h["time"] for h in steps]  # each step's end, wall clock
     assert times == sorted(times) and times[0] > 1.7e9, times
     # the controller Ray Train started polled the workers at the configured interval, not Ray's 2 s
-    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == str(cfg.run.report_poll_s) == "0.25"
+    assert REPORT_POLL_ENV == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    assert os.environ[REPORT_POLL_ENV] == str(cfg.run.report_poll_s) == "0.25"
     # Two epochs over the same 8 batches: the second pass has a lower loss than the first.
     assert np.mean(losses[8:]) < np.mean(losses[:8]), losses
     assert len([p for p in cfg.run_dir.glob("checkpoint_*") if p.is_dir()]) >= 1
