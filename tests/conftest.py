@@ -25,7 +25,7 @@ HERMETIC_VARS = {
     "XDG_DATA_HOME": "xdg/data",
     "XDG_STATE_HOME": "xdg/state",
     "TORCH_HOME": "torch",
-    "TORCH_EXTENSIONS_DIR": "torch_extensions",  # DeepSpeed JIT-compiles its CPU shm comm op here
+    "TORCH_EXTENSIONS_DIR": "torch_extensions",  # DeepSpeed JIT-compiles its CPU ops here (cpu_adam with offload)
     "TRITON_CACHE_DIR": "triton",
     "TORCHINDUCTOR_CACHE_DIR": "torchinductor",  # torch.compile's kernels (otherwise /tmp/torchinductor_<user>)
     "MPLCONFIGDIR": "matplotlib",  # font cache (otherwise ~/.config/matplotlib or ~/.cache/matplotlib)

@@ -100,7 +100,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        # Both stages in one process: one import of DeepSpeed, one build of its comm op.
+        # Both stages in one process: one import of DeepSpeed.
         torch.save({stage: {"plain": _run(stage, chunked=False), "chunked": _run(stage, chunked=True)}
                     for stage in (2, 3)}, out_path)
     finally:

@@ -15,6 +15,7 @@ import pytest
 from diffembed import Embedder, EmbedderConfig
 from diffembed.train.config import TrainConfig
 from diffembed.train.checkpoints import PROBE_FILE
+from diffembed.train.deepspeed import SHM_COMM_OP
 from diffembed.train.loop import REPORT_POLL_ENV, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,9 @@ def test_zero_training_learns_checkpoints_and_exports(ray_cluster, tmp_path, tin
     assert_export_matches_probe(export, Path(metrics["checkpoint_dir"]) / PROBE_FILE, tiny_checkpoints["dream"])
     saved = json.loads((export / "diffembed.json").read_text())
     assert (saved["family"], saved["attention"], saved["pooling"]) == ("qwen2", "bidirectional", "mean")
+    # DeepSpeed on the CPU accelerator did not JIT-build its shared-memory all-reduce op (inference only, 40 s):
+    # the workers share this run's (initially empty) torch-extensions cache
+    assert not list(Path(os.environ["TORCH_EXTENSIONS_DIR"]).rglob(f"{SHM_COMM_OP}*"))
 
 
 def test_worker_failure_resumes_from_checkpoint(ray_cluster, tmp_path, tiny_checkpoints):

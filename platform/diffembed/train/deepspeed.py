@@ -43,6 +43,21 @@ def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
     }
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_shm_comm_build(deepspeed) -> None:
+    """Keep DeepSpeed's communication setup from building its shared-memory all-reduce op.
+
+    On the CPU accelerator, DeepSpeed's torch comm backend JIT-compiles that op with the C++ compiler when it
+    starts (40 s on 2 cores, once per torch-extensions cache: every fresh container). Only `inference_all_reduce`
+    (tensor-parallel inference) uses the op. Training reduces through torch.distributed (gloo), so skipping the
+    build changes no result. DeepSpeed skips an op that its table of compatible ops marks as incompatible, and
+    that table is one module-level dict, built on first access, that DeepSpeed keeps.
+    """
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
 class DeepSpeedBackend:
     """The trainable model in a DeepSpeed engine: ZeRO, clipping, bf16 and the LR schedule step inside
     `engine.step()`; checkpoints are per-rank DeepSpeed shards under tag `CKPT_TAG`."""
@@ -63,6 +78,7 @@ class DeepSpeedBackend:
         else:
             optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = make_scheduler(cfg, optimizer)
+        skip_shm_comm_build(deepspeed)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=deepspeed_config(cfg, cfg.run.use_gpu)
         )
