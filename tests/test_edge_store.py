@@ -113,8 +113,8 @@ for path, collection in zip(args[::2], args[1::2]):
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
-def edge(path: Path, collection: str = "docs") -> EdgeStore:
-    return EdgeStore(StoreConfig(path=str(path), collection=collection, sparse=True))
+def edge(path: Path, collection: str = "docs", **settings: Any) -> EdgeStore:
+    return EdgeStore(StoreConfig(path=str(path), collection=collection, sparse=True, **settings))
 
 
 def points_of(path: Path, collection: str = "docs") -> dict[str, Any]:
@@ -284,11 +284,12 @@ def test_second_process_gets_store_busy_and_nothing_is_damaged(tmp_path):
     before = points_of(store_path)
     store_dir = str(store_path / "docs")
     with held(store_path) as holder:
+        quick = {"lock_wait_s": 0.5}  # the default wait (5 s) once, then a shorter one: the same answer
         for name, call in [
             ("count", lambda: edge(store_path).count()),
-            ("ensure_collection", lambda: edge(store_path).ensure_collection(MINILM_DIM)),
-            ("search", lambda: edge(store_path).search(np.ones(MINILM_DIM, np.float32), None, top_k=1)),
-            ("drop", lambda: edge(store_path).drop()),
+            ("ensure_collection", lambda: edge(store_path, **quick).ensure_collection(MINILM_DIM)),
+            ("search", lambda: edge(store_path, **quick).search(np.ones(MINILM_DIM, np.float32), None, top_k=1)),
+            ("drop", lambda: edge(store_path, **quick).drop()),
         ]:
             message = one_line_store_error(raises_within(call, 10), StoreBusy)
             assert store_dir in message and "another process" in message, (name, message)
