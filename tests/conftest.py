@@ -76,6 +76,64 @@ from diffembed.testing.tiny import TINY_FAMILIES, write_tiny_checkpoint
 ALL_FAMILIES = (*TINY_FAMILIES, "bert")
 
 
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                pid = int(fh.read().rsplit(")", 1)[1].split()[1])  # field 4, after the "(comm)" field
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def leftover_processes() -> dict[int, str]:
+    """pid -> command line of every process, other than this one and its ancestors (make, the CI script), whose
+    environment points into this run's directory: what the tests started and left running."""
+    if not os.path.isdir("/proc"):
+        return {}
+    skip, found = _ancestors(), {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in skip:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        for item in env:
+            if item.startswith(b"DIFFEMBED_TEST_CACHE="):
+                if os.path.realpath(item.split(b"=", 1)[1].decode(errors="replace")) == RUN_DIR:
+                    found[int(entry)] = cmd
+                break
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Nothing the tests started may outlive them (CI reuses this machine). Ray 2.60's core worker can deadlock
+    in its own exit handler (seen once: a `ray::TrainController` whose raylet had gone, blocked in
+    `CoreWorkerProcess::HandleAtExit`, forever): whatever is still running a few seconds after the last test is
+    killed and named in the summary."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + 15
+    while (left := leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if left and reporter is not None:
+        reporter.write_line(f"\nkilled {len(left)} process(es) the tests left running: "
+                            + "; ".join(f"{pid} {cmd[:80]}" for pid, cmd in left.items()), yellow=True)
+
+
 def pytest_unconfigure(config):
     if _RUN_DIR_CREATED:  # the Makefile / CI remove the directory they made
         shutil.rmtree(RUN_DIR, ignore_errors=True)

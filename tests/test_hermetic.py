@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERMETIC_VARS, RUN_DIR
+from conftest import HERMETIC_VARS, RUN_DIR, leftover_processes
 
 HOMES = {Path(p).resolve() for p in (os.path.expanduser("~"), pwd.getpwuid(os.getuid()).pw_dir)}
 
@@ -65,3 +65,23 @@ def test_ray_workers_see_the_drivers_directories(ray_cluster):
     env, tiny = ray.get(worker_env.remote(), timeout=300)
     assert env == {var: os.environ.get(var) for var in names}
     assert tiny == str(resolve_model_path("tiny:dream"))
+
+
+def test_leftover_processes_finds_what_the_run_started_and_nothing_else():
+    """The session's last step kills what the tests left running (`pytest_sessionfinish`): it must find a
+    process that carries this run's directory, and never this process, its parents, or another run's."""
+    import subprocess
+    import sys
+
+    code = "import time; time.sleep(60)"
+    ours = subprocess.Popen([sys.executable, "-c", code])
+    other = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "DIFFEMBED_TEST_CACHE": "/elsewhere"})
+    try:
+        left = leftover_processes()
+        assert ours.pid in left and "time.sleep(60)" in left[ours.pid]
+        assert other.pid not in left and os.getpid() not in left and os.getppid() not in left
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
+    assert ours.pid not in leftover_processes()
