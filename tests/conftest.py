@@ -88,6 +88,10 @@ def _ancestors() -> set[int]:
     return pids
 
 
+# the standard library's helper processes, which exit by themselves when pytest (their parent) does
+STDLIB_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
 def leftover_processes() -> dict[int, str]:
     """pid -> command line of every process, other than this one and its ancestors (make, the CI script), whose
     environment points into this run's directory: what the tests started and left running."""
@@ -103,6 +107,8 @@ def leftover_processes() -> dict[int, str]:
             with open(f"/proc/{entry}/cmdline", "rb") as fh:
                 cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:  # gone meanwhile, or another user's
+            continue
+        if any(helper in cmd for helper in STDLIB_HELPERS):
             continue
         for item in env:
             if item.startswith(b"DIFFEMBED_TEST_CACHE="):

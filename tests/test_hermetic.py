@@ -74,12 +74,16 @@ def test_leftover_processes_finds_what_the_run_started_and_nothing_else():
     import sys
 
     code = "import time; time.sleep(60)"
+    import multiprocessing.resource_tracker
+
+    multiprocessing.resource_tracker.ensure_running()  # the stdlib's helper: it goes when pytest goes
     ours = subprocess.Popen([sys.executable, "-c", code])
     other = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "DIFFEMBED_TEST_CACHE": "/elsewhere"})
     try:
         left = leftover_processes()
         assert ours.pid in left and "time.sleep(60)" in left[ours.pid]
         assert other.pid not in left and os.getpid() not in left and os.getppid() not in left
+        assert not any("resource_tracker" in cmd for cmd in left.values()), left
     finally:
         for proc in (ours, other):
             proc.kill()
