@@ -426,7 +426,10 @@ class Embedder:
             # (B, 1, 1, T): every query attends to the real keys; padded queries' outputs are never pooled. Given
             # ready-made, transformers uses it as-is: no (B, 1, T, T) mask is built and no host sync checks it.
             mask = mask.bool()[:, None, None, :]
-        model = self.model if torch.is_grad_enabled() else self._inference_model
+        # One row (a search query sent alone) runs eagerly: torch.compile specialises a dimension of size 1, so a
+        # compiled one-row batch is a second graph to build at start-up for inputs where fused kernels gain nothing.
+        one_row = batch["input_ids"].shape[0] == 1
+        model = self.model if torch.is_grad_enabled() or one_row else self._inference_model
         out = model(input_ids=batch["input_ids"], attention_mask=mask)
         if "group_index" in batch:
             return pool_groups(out.last_hidden_state, batch["group_index"], batch["group_counts"])
@@ -569,9 +572,8 @@ class Embedder:
         real call; a compiler that cannot run is a ConfigError here, not a failed request later."""
         texts = ["warm up", " ".join(["warm"] * (self.content_budget // 2))]
         try:
-            # One text alone too: torch.compile specialises a dimension of size 1, so a first single-text request
-            # (a search query) would otherwise compile a new graph in the request (~17 s on 2 CPU cores).
-            for batch in (texts[:1], texts, texts * 3):  # every policy's path (encode_document_windows)
+            # Batches of several rows: a compiled module runs those (one row runs eagerly, see `pooled`).
+            for batch in (texts * 2, texts * 3):  # every policy's path (encode_document_windows)
                 self.encode_document_windows(batch)
         except Exception as exc:
             if not self.config.compile:
