@@ -429,7 +429,8 @@ class Embedder:
         # One row (a search query sent alone) runs eagerly: torch.compile specialises a dimension of size 1, so a
         # compiled one-row batch would be a second graph to build at start-up (~13 s of a 44 s warm-up on one
         # core), to save ~3 ms per lone row (bench/compile_warmup.py).
-        one_row = batch["input_ids"].shape[0] == 1
+        # Only when compiled: training's no-grad passes must keep one path (ZeRO-3 ranks gather parameters in step).
+        one_row = self.config.compile and batch["input_ids"].shape[0] == 1
         model = self.model if torch.is_grad_enabled() or one_row else self._inference_model
         out = model(input_ids=batch["input_ids"], attention_mask=mask)
         if "group_index" in batch:
