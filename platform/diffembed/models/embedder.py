@@ -426,10 +426,10 @@ class Embedder:
             # (B, 1, 1, T): every query attends to the real keys; padded queries' outputs are never pooled. Given
             # ready-made, transformers uses it as-is: no (B, 1, T, T) mask is built and no host sync checks it.
             mask = mask.bool()[:, None, None, :]
-        # One row (a search query sent alone) runs eagerly: torch.compile specialises a dimension of size 1, so a
-        # compiled one-row batch would be a second graph to build at start-up (~13 s of a 44 s warm-up on one
-        # core), to save ~3 ms per lone row (bench/compile_warmup.py).
-        # Only when compiled: training's no-grad passes must keep one path (ZeRO-3 ranks gather parameters in step).
+        # Compiled: one row (a search query sent alone) runs eagerly. torch.compile specialises a dimension of size
+        # 1, so a compiled one-row batch would be a second graph to build at start-up (~13 s of a 44 s warm-up on
+        # one core) to save ~3 ms per lone row (bench/compile_warmup.py). Never uncompiled: a training worker's
+        # no-grad passes must all take one path, or ZeRO-3 ranks stop gathering parameters in step (deadlock).
         one_row = self.config.compile and batch["input_ids"].shape[0] == 1
         model = self.model if torch.is_grad_enabled() or one_row else self._inference_model
         out = model(input_ids=batch["input_ids"], attention_mask=mask)
