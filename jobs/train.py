@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = TrainConfig.from_yaml(args.config, args.overrides)
         cfg.check_files()  # before Ray starts
+        from diffembed.train.deepspeed import check_zero_options
+
+        check_zero_options(cfg)
         if args.resume:
             from diffembed.train.checkpoints import latest_checkpoint
 

@@ -10,7 +10,9 @@ from torch.testing import assert_close
 from diffembed.config import EmbedderConfig
 from diffembed.models.embedder import Embedder, Segment
 from diffembed.train.losses import grad_cache_step, in_input_order, info_nce
-from diffembed.train.microbatch import embed_in_order, grad_cache_in_order, padding_fraction, plan_chunks, select
+from diffembed.train.microbatch import (
+    embed_in_order, grad_cache_in_order, max_over_ranks, padding_fraction, plan_chunks, plan_groups, select, split_to,
+)
 
 
 def lognormal_lengths(rows: int, median: float, cap: int, seed: int, sigma: float = 0.5) -> list[int]:
@@ -52,6 +54,49 @@ def test_plan_edge_cases():
     assert padding_fraction([4, 2], [[0, 1]]) == pytest.approx(0.25)
     with pytest.raises(ValueError):
         plan_chunks([1, 2], max_rows=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_to_reaches_any_count_with_less_padding_each_time(seed):
+    lengths = lognormal_lengths(24, median=300, cap=2048, seed=seed, sigma=0.8)
+    plan = plan_chunks(lengths, max_rows=8)
+    padding = padding_fraction(lengths, plan)
+    for count in range(len(plan), len(lengths) + 1):
+        more = split_to(lengths, plan, count)
+        assert len(more) == count and all(more)
+        assert sorted(i for c in more for i in c) == list(range(24))
+        assert all(len(c) <= 8 for c in more)
+        assert padding_fraction(lengths, more) <= padding + 1e-12  # a cut only removes padding
+        padding = padding_fraction(lengths, more)
+        widths = [max(lengths[i] for i in c) for c in more]
+        assert widths == sorted(widths, reverse=True)  # still longest first
+    assert padding == 0.0  # one row per chunk
+    with pytest.raises(ValueError, match="into"):
+        split_to(lengths, plan, len(plan) - 1)
+    with pytest.raises(ValueError, match="into"):
+        split_to(lengths, plan, 25)
+
+
+def test_split_to_cuts_where_the_padding_is():
+    assert split_to([100, 90, 10, 9], [[0, 1, 2, 3]], 2) == [[0, 1], [2, 3]]
+    assert split_to([8, 8, 8, 8, 8, 8], [[0, 1, 2, 3, 4, 5]], 2) == [[0, 1, 2], [3, 4, 5]]  # no padding: halves
+
+
+def test_plan_groups_gives_every_group_the_agreed_number_of_chunks():
+    groups = [[10, 12, 11, 9], [400, 20, 30, 300], []]
+    alone = plan_groups(groups, max_rows=3)
+    assert alone == [plan_chunks(g, max_rows=3) for g in groups]  # outside a distributed run: the own plans
+    assert max_over_ranks([2, 1, 0]) == [2, 1, 0]
+
+    other_rank = [4, 3, 0]  # what another rank planned: the agreed count is the larger
+
+    def agree(counts):
+        return [max(a, b) for a, b in zip(counts, other_rank)]
+
+    plans = plan_groups(groups, max_rows=3, agree=agree)
+    assert [len(p) for p in plans] == [4, max(3, len(alone[1])), 0]
+    for lengths, plan in zip(groups, plans):
+        assert sorted(i for c in plan for i in c) == list(range(len(lengths)))
 
 
 def test_in_input_order_rejects_a_bad_cover():

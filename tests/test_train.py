@@ -44,7 +44,12 @@ def assert_export_matches_probe(export: Path, probe_file: Path, base_model: Path
     assert float((base.encode_documents(probe["texts"]) * exported).sum(1).min()) < 0.999
 
 
-@pytest.mark.parametrize("stage, extra", [(2, []), (3, ["loss.grad_cache_chunk_size=3"])])
+# ZeRO-3 with a persistence threshold of 0: even the tiny model's parameters are partitioned and gathered in every
+# forward, as a 7B's are, so the workers must run their length-planned chunks in step (microbatch.plan_groups).
+@pytest.mark.parametrize("stage, extra", [
+    (2, []),
+    (3, ["loss.grad_cache_chunk_size=3", "deepspeed.zero_options.stage3_param_persistence_threshold=0"]),
+])
 def test_zero_training_learns_checkpoints_and_exports(ray_cluster, tmp_path, tiny_checkpoints, stage, extra):
     cfg = tiny_config(tmp_path, tiny_checkpoints, f"deepspeed.zero_stage={stage}", *extra)
     metrics = train(cfg)
@@ -144,6 +149,7 @@ def test_finetuning_minilm_raises_ndcg(ray_cluster, tmp_path):
         (["bogus_key=1"], "bogus_key"),
         (["data.train_files=[/nonexistent/pairs.jsonl]"], "/nonexistent/pairs.jsonl"),
         (["optim.global_batch_size=7"], "divisible"),
+        (["deepspeed.zero_stage=3", "deepspeed.zero_options.stage3_prefetch_bucket_sise=1"], "bucket_sise: Extra"),
     ],
 )
 def test_bad_config_fails_before_ray(overrides, needle):

@@ -11,7 +11,7 @@ import pytest
 from diffembed.config import ConfigError
 from diffembed.files import expand_files
 from diffembed.train.data import load_pairs, plan_batches
-from diffembed.train.deepspeed import deepspeed_config
+from diffembed.train.deepspeed import check_zero_options, deepspeed_config
 from diffembed.train.config import TrainConfig
 
 
@@ -74,6 +74,23 @@ def test_deepspeed_config_follows_the_train_config():
     assert deepspeed_config(cfg, use_gpu=False)["bf16"]["enabled"] is False
     with pytest.raises(ConfigError, match="offload_params"):
         TrainConfig.from_dict({"data": {"train_files": ["x"]}, "deepspeed": {"zero_stage": 2, "offload_params": True}})
+
+
+def test_zero_options_reach_deepspeed_and_typos_fail_before_the_run():
+    def cfg(**deepspeed):
+        return TrainConfig.from_dict({"data": {"train_files": ["x"]}, "deepspeed": {"zero_stage": 3, **deepspeed}})
+
+    tuned = cfg(zero_options={"stage3_param_persistence_threshold": 0, "overlap_comm": True})
+    zero = deepspeed_config(tuned, use_gpu=False)["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 0 and zero["overlap_comm"] is True  # overrides the default
+    check_zero_options(tuned)
+    check_zero_options(cfg())  # nothing to check: DeepSpeed is not even imported for it
+    with pytest.raises(ConfigError, match="^deepspeed.zero_options: stage3_param_persistance_threshold: Extra"):
+        check_zero_options(cfg(zero_options={"stage3_param_persistance_threshold": 0}))
+    with pytest.raises(ConfigError, match="reduce_bucket_size"):
+        check_zero_options(cfg(zero_options={"reduce_bucket_size": "large"}))
+    with pytest.raises(ConfigError, match="zero_options need deepspeed.enabled"):
+        cfg(enabled=False, zero_options={"reduce_bucket_size": 10})
 
 
 def test_shipped_configs_parse():

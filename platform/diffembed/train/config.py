@@ -8,7 +8,7 @@ PyTorch DDP instead (same optimizer, schedule, clipping and loss; no ZeRO, no of
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -103,6 +103,12 @@ class DeepSpeedConfig(ConfigModel):
     bf16: bool | None = Field(
         None, description="Default: on when training on GPUs, off on CPU. Without DeepSpeed: bf16 autocast."
     )
+    zero_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More keys for DeepSpeed's zero_optimization section, e.g. stage3_max_live_parameters, "
+        "stage3_prefetch_bucket_size, reduce_bucket_size; checked against DeepSpeed's schema before the run starts. "
+        "They override what the fields above generate.",
+    )
 
 
 class RunConfig(ConfigModel):
@@ -163,6 +169,8 @@ class TrainConfig(ConfigModel):
             raise ValueError("deepspeed.offload_params needs zero_stage 3")
         if not self.deepspeed.enabled and (self.deepspeed.offload_optimizer or self.deepspeed.offload_params):
             raise ValueError("deepspeed.offload_optimizer / offload_params need deepspeed.enabled")
+        if not self.deepspeed.enabled and self.deepspeed.zero_options:
+            raise ValueError("deepspeed.zero_options need deepspeed.enabled")
         return self
 
     def worker_resources(self) -> dict[str, float]:

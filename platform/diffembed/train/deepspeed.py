@@ -28,6 +28,7 @@ def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
     if ds.zero_stage == 3:
         # Gather full weights on save, so a final export never needs the per-rank shards.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    zero.update(ds.zero_options)
     bf16 = use_gpu if ds.bf16 is None else ds.bf16
     return {
         # One optimizer step = one global batch; GradCache chunks happen inside a micro-batch.
@@ -41,6 +42,23 @@ def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def check_zero_options(cfg: TrainConfig) -> None:
+    """ConfigError (one line) when `deepspeed.zero_options` holds a key or value DeepSpeed's ZeRO schema rejects,
+    so a typo fails on the driver before any worker starts, not in every worker on every retry. Imports DeepSpeed
+    only when there are options to check."""
+    if not (cfg.deepspeed.enabled and cfg.deepspeed.zero_options):
+        return
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    from diffembed.config import ConfigError, one_line
+
+    try:
+        DeepSpeedZeroConfig(**deepspeed_config(cfg, cfg.run.use_gpu)["zero_optimization"])
+    except ValidationError as exc:
+        raise ConfigError(f"deepspeed.zero_options: {one_line(exc)}") from exc
 
 
 SHM_COMM_OP = "deepspeed_shm_comm"

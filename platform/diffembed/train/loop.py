@@ -14,6 +14,7 @@ from typing import Any
 from diffembed.train import storage
 from diffembed.train.checkpoints import latest_checkpoint
 from diffembed.train.config import TrainConfig
+from diffembed.train.deepspeed import check_zero_options
 from diffembed.train.worker import build_trainable, train_loop_per_worker  # noqa: F401  (build_trainable: bench)
 
 
@@ -53,6 +54,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     from diffembed.train.export import export_remote
 
     cfg.check_files()
+    check_zero_options(cfg)
     if not ray.is_initialized():
         ray.init()
     plan = build_plan(cfg)

@@ -7,6 +7,10 @@ each chunk is embedded padded only to its own longest row, and the embeddings ar
 before the loss — so the loss sees exactly the rows it would see unchunked, and only the padding changes.
 
 * `plan_chunks`: the cut itself (a small dynamic programme over the sorted lengths);
+* `plan_groups`: `plan_chunks` for every group of a step, with the same number of chunks per group on every rank
+  of a distributed step (`split_to`, `max_over_ranks`): ZeRO-3 gathers parameters in every forward and ZeRO-2
+  reduces gradients in every backward, both collectives, so ranks that ran different numbers of chunks would
+  wait on each other for ever;
 * `padding_fraction`: how much of a plan's padded tokens are padding (benchmarks and tests report it);
 * `embed_in_order`: the plain path — every chunk embedded with grad, concatenated back in order, one backward;
 * `grad_cache_in_order`: the GradCache path (`losses.grad_cache_step` with `chunk_rows`), driving a training
@@ -22,7 +26,10 @@ import torch
 
 from diffembed.train.losses import LossFn, grad_cache_step, in_input_order
 
-__all__ = ["OVERHEAD_TOKENS", "embed_in_order", "grad_cache_in_order", "padding_fraction", "plan_chunks", "select"]
+__all__ = [
+    "OVERHEAD_TOKENS", "embed_in_order", "grad_cache_in_order", "max_over_ranks", "padding_fraction", "plan_chunks",
+    "plan_groups", "select", "split_to",
+]
 
 # What one extra forward pass costs, in padded tokens: the planner only splits a chunk further when that saves
 # more padding than this. Kernel launches and per-call Python are small next to a 7B-wide layer's per-token
@@ -79,6 +86,61 @@ def plan_chunks(
     return chunks
 
 
+def split_to(lengths: Sequence[int], chunks: Sequence[Sequence[int]], count: int) -> list[list[int]]:
+    """`chunks` (a `plan_chunks` plan of rows of these `lengths`) cut further into exactly `count` chunks.
+
+    Each cut splits one chunk of length-sorted rows in two where that removes the most padding (on a tie: the
+    chunk with the most rows, near its middle), so no budget the plan kept is broken and padding only falls.
+    The longest chunk stays first. ValueError when `count` is below the plan's chunks or above its rows.
+    """
+    out = [list(c) for c in chunks]
+    rows = sum(len(c) for c in out)
+    if not len(out) <= count <= rows:
+        raise ValueError(f"cannot cut {len(out)} chunks of {rows} rows into {count}")
+    while len(out) < count:
+        best, where = None, (0, 0)
+        for c, chunk in enumerate(out):
+            n, top = len(chunk), lengths[chunk[0]]  # rows descend in length: the chunk is padded to its first
+            for m in range(1, n):
+                key = ((n - m) * (top - lengths[chunk[m]]), n, -abs(2 * m - n))  # padding saved, then balance
+                if best is None or key > best:
+                    best, where = key, (c, m)
+        c, m = where
+        out[c : c + 1] = [out[c][:m], out[c][m:]]
+    return out
+
+
+def max_over_ranks(counts: Sequence[int]) -> list[int]:
+    """Element-wise maximum of `counts` over the ranks of the default process group; `counts` itself outside a
+    distributed run. Every rank must call it (one small all-reduce)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [int(c) for c in counts]
+    # NCCL reduces device tensors only; gloo (CPU training) host tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    counted = torch.tensor(list(counts), dtype=torch.int64, device=device)
+    dist.all_reduce(counted, op=dist.ReduceOp.MAX)
+    return [int(c) for c in counted.tolist()]
+
+
+def plan_groups(
+    lengths: Sequence[Sequence[int]],
+    *,
+    max_rows: int | None = None,
+    overhead_tokens: int = OVERHEAD_TOKENS,
+    agree: Callable[[list[int]], list[int]] = max_over_ranks,
+) -> list[list[list[int]]]:
+    """One `plan_chunks` plan per group of a training step (queries, positives[, negatives]), each with as many
+    chunks as the most any rank planned for that group (`agree`), so every rank runs the same sequence of
+    forwards and backwards: DeepSpeed's collectives inside them (ZeRO-3 parameter gathers, ZeRO-2 gradient
+    reduction) pair up. Every rank's groups have the same row counts (`hard_negatives` per query), so the
+    agreed count never exceeds a group's rows. A group without rows keeps an empty plan."""
+    plans = [plan_chunks(g, max_rows=max_rows, overhead_tokens=overhead_tokens) for g in lengths]
+    counts = agree([len(p) for p in plans])
+    return [split_to(g, p, k) if p else p for g, p, k in zip(lengths, plans, counts)]
+
+
 def padding_fraction(lengths: Sequence[int], chunks: Sequence[Sequence[int]]) -> float:
     """Share of the padded tokens that are padding when each chunk is padded to its longest row."""
     padded = sum(max(lengths[i] for i in c) * len(c) for c in chunks if c)
@@ -117,8 +179,9 @@ def grad_cache_in_order(
 ) -> torch.Tensor:
     """One GradCache backward over length-planned chunks of (queries, positives[, negatives]); returns the loss.
 
-    `groups` are the step's segment lists (an empty negatives list means none). Each is planned with
-    `plan_chunks(max_rows=max_rows)`, so a chunk never exceeds the GradCache chunk size (the memory bound).
+    `groups` are the step's segment lists (an empty negatives list means none). They are planned with
+    `plan_groups(max_rows=max_rows)`, so a chunk never exceeds the GradCache chunk size (the memory bound) and
+    every rank of a distributed step runs as many chunks per group as the others.
     `engine` is a training backend (`TorchBackend` / `DeepSpeedBackend`): each chunk's second forward and
     backward run under `engine.accumulate(last=...)` (DDP's no_sync, entered in the forward, left after the
     backward) and `engine.backward(..., boundary=...)` marks the step's last chunk, after which gradients are
@@ -127,7 +190,7 @@ def grad_cache_in_order(
     groups = [list(g) for g in groups]
     if len(groups) == 3 and not groups[2]:
         groups = groups[:2]
-    plans = [plan_chunks([length(s) for s in g], max_rows=max_rows, overhead_tokens=overhead_tokens) for g in groups]
+    plans = plan_groups([[length(s) for s in g] for g in groups], max_rows=max_rows, overhead_tokens=overhead_tokens)
     total = sum(len(p) for p in plans)
     done = [0]
     pending = contextlib.ExitStack()  # a chunk's no_sync spans its forward and its backward

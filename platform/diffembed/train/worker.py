@@ -61,15 +61,17 @@ def _step_rows(plan: list[list[dict]], step: int, rank: int, per_worker: int) ->
 def train_step(embedder, engine, q_segs, p_segs, n_segs, loss_fn, chunk: int | None):
     """One optimizer step on this rank's share of the global batch; returns the (local) loss.
 
-    Every group (queries, positives, negatives) is cut into length-sorted sub-batches (`plan_chunks`), each padded
+    Every group (queries, positives, negatives) is cut into length-sorted sub-batches (`plan_groups`), each padded
     only to its own longest row, and put back in input order before the loss: < 10 % padding on a lognormal mix
     instead of ~50 % for one padded batch, and a third of the activation memory (bench/gpu_train.py).
     Without `chunk`: the sub-batches' activations all stay for one backward. With it, GradCache over chunks of at
     most `chunk` rows (`grad_cache_in_order`): DDP all-reduces gradients once, after the step's last chunk
     (DeepSpeed is told the same through its gradient-accumulation boundary).
     A multivector embedder (mask readout, `mask_vectors: multi`) gives (b, K, D) embeddings; `loss_fn` (`make_loss`)
-    scores them by MaxSim (`losses.similarity`), on both paths."""
-    from diffembed.train.microbatch import embed_in_order, grad_cache_in_order, plan_chunks
+    scores them by MaxSim (`losses.similarity`), on both paths.
+    In a distributed step every rank must call this: the ranks agree on their number of sub-batches per group
+    (`plan_groups`), which DeepSpeed's collectives inside forward and backward need."""
+    from diffembed.train.microbatch import embed_in_order, grad_cache_in_order, plan_groups
 
     def embed(segs):
         with engine.autocast():
@@ -78,11 +80,9 @@ def train_step(embedder, engine, q_segs, p_segs, n_segs, loss_fn, chunk: int | N
     if chunk:
         loss = grad_cache_in_order(embed, engine, [q_segs, p_segs, n_segs], loss_fn, max_rows=chunk)
     else:
-        def planned(segs):
-            return embed_in_order(embed, segs, plan_chunks([len(s.ids) for s in segs]))  # (b, [K,] D)
-
-        q, p = planned(q_segs), planned(p_segs)
-        n = planned(n_segs) if n_segs else None
+        groups = [q_segs, p_segs, n_segs]
+        plans = plan_groups([[len(s.ids) for s in g] for g in groups])
+        q, p, n = (embed_in_order(embed, g, plan) if g else None for g, plan in zip(groups, plans))  # (b, [K,] D)
         loss = loss_fn(q, p, n)
         engine.backward(loss)
     engine.step()
