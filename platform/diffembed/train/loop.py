@@ -8,6 +8,7 @@ model before and the export after — neither ever loads model weights on the dr
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -66,8 +67,6 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     for key in ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TORCH_EXTENSIONS_DIR", "DIFFEMBED_CACHE"):
         if key in os.environ:
             env[key] = os.environ[key]
-    # Read by the controller Ray Train starts in fit() (Ray propagates it from this process's environment).
-    os.environ[REPORT_POLL_ENV] = str(cfg.run.report_poll_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -85,7 +84,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
             worker_runtime_env={"env_vars": env},
         ),
     )
-    result = trainer.fit()
+    # Read by the controller Ray Train starts in fit(): Ray propagates it from this process's environment. Set for
+    # the call only, so that a later Ray Train run in this process polls at its own setting.
+    with _environ(REPORT_POLL_ENV, str(cfg.run.report_poll_s)):
+        result = trainer.fit()
     metrics = dict(result.metrics or {})
     export = export_remote(cfg, result.checkpoint, runtime_env={"env_vars": env})
     metrics["export_dir"] = export
@@ -100,6 +102,20 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
         metrics.update({f"dev_{k}_before": v for k, v in before.items()})
         metrics.update({f"dev_{k}": v for k, v in after.items()})
     return metrics
+
+
+@contextlib.contextmanager
+def _environ(key: str, value: str):
+    """`os.environ[key] = value` inside the block; the previous value (or none) again after it."""
+    before = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _dev_pairs(cfg: TrainConfig):
