@@ -91,6 +91,8 @@ def test_zero_options_reach_deepspeed_and_typos_fail_before_the_run():
         check_zero_options(cfg(zero_options={"reduce_bucket_size": "large"}))
     with pytest.raises(ConfigError, match="zero_options need deepspeed.enabled"):
         cfg(enabled=False, zero_options={"reduce_bucket_size": 10})
+    with pytest.raises(ConfigError, match="set deepspeed.zero_stage instead of stage"):
+        cfg(zero_options={"stage": 1})
 
 
 def test_shipped_configs_parse():

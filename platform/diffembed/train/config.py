@@ -91,6 +91,14 @@ class OptimConfig(ConfigModel):
     gradient_checkpointing: bool = False
 
 
+# zero_optimization keys the typed fields below generate: zero_options may not set them a second way.
+OWNED_ZERO_KEYS = {
+    "stage": "deepspeed.zero_stage",
+    "offload_optimizer": "deepspeed.offload_optimizer",
+    "offload_param": "deepspeed.offload_params",
+}
+
+
 class DeepSpeedConfig(ConfigModel):
     enabled: bool = Field(
         True,
@@ -107,7 +115,7 @@ class DeepSpeedConfig(ConfigModel):
         default_factory=dict,
         description="More keys for DeepSpeed's zero_optimization section, e.g. stage3_max_live_parameters, "
         "stage3_prefetch_bucket_size, reduce_bucket_size; checked against DeepSpeed's schema before the run starts. "
-        "They override what the fields above generate.",
+        "Not stage or offloading (the fields above).",
     )
 
 
@@ -171,6 +179,10 @@ class TrainConfig(ConfigModel):
             raise ValueError("deepspeed.offload_optimizer / offload_params need deepspeed.enabled")
         if not self.deepspeed.enabled and self.deepspeed.zero_options:
             raise ValueError("deepspeed.zero_options need deepspeed.enabled")
+        owned = sorted(OWNED_ZERO_KEYS.keys() & self.deepspeed.zero_options.keys())
+        if owned:
+            raise ValueError(f"deepspeed.zero_options: set {', '.join(OWNED_ZERO_KEYS[k] for k in owned)} instead of "
+                             f"{', '.join(owned)}")
         return self
 
     def worker_resources(self) -> dict[str, float]:
