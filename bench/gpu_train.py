@@ -12,6 +12,10 @@ Modes (same rows, same model, timed after warm-up):
   planned  every group cut by `plan_chunks` into length-sorted sub-batches, embedded with `embed_in_order`
            (padded only to each sub-batch's longest row), one backward.
 
+It also prints what the training job's agreement between ranks costs on this length mix (`--ranks` simulated
+ranks, no model): every rank runs as many sub-batches per group as the rank that planned most
+(`microbatch.plan_groups`, which ZeRO-2/3's collectives need); sub-batches per step and padding, alone vs agreed.
+
 Model FLOPs per step (what MFU counts; the recompute of gradient checkpointing is NOT counted, padding neither):
   4 * N_base * T      frozen base weights: 2 N T forward + 2 N T backward for activation gradients only
 + 6 * N_lora * T      adapter weights: forward, activation and weight gradients
@@ -42,7 +46,7 @@ from diffembed.models.embedder import Embedder, Segment
 from diffembed.testing.tiny import write_tiny_checkpoint
 from diffembed.train.config import TrainConfig
 from diffembed.train.losses import info_nce
-from diffembed.train.microbatch import OVERHEAD_TOKENS, embed_in_order, padding_fraction, plan_chunks
+from diffembed.train.microbatch import OVERHEAD_TOKENS, embed_in_order, padding_fraction, plan_chunks, plan_groups
 from diffembed.train.backends import use_training_attention
 from diffembed.train.worker import build_trainable
 
@@ -68,6 +72,29 @@ def model_flops(model, groups, layers: int, hidden: int) -> float:
     lengths = [len(s.ids) for g in groups for s in g]
     tokens = sum(lengths)
     return 4 * base * tokens + 6 * lora * tokens + 12 * layers * hidden * sum(s * s for s in lengths)
+
+
+def rank_agreement(args, steps: int = 50) -> str:
+    """What the training job's agreement costs (`plan_groups`: every rank runs as many sub-batches per group as
+    the rank that planned most, which ZeRO-2/3's collectives need): sub-batches per step and padding, each rank
+    planning alone vs agreed, over `args.ranks` simulated ranks of this bench's length mix (no model)."""
+    rng = np.random.default_rng(1)
+    alone = agreed = pad_alone = pad_agreed = 0.0
+    for _ in range(steps):
+        ranks = [[[args.query_len] * args.batch] + [np.clip(rng.lognormal(np.log(args.median), 0.5, args.batch), 8,
+                                                            args.cap).astype(int).tolist() for _ in range(2)]
+                 for _ in range(args.ranks)]
+        own = [[plan_chunks(g, overhead_tokens=args.overhead_tokens) for g in r] for r in ranks]
+        most = [max(len(o[g]) for o in own) for g in range(3)]
+        for r, o in zip(ranks, own):
+            plans = plan_groups(r, overhead_tokens=args.overhead_tokens, agree=lambda counts: most)
+            alone += sum(len(p) for p in o)
+            agreed += sum(len(p) for p in plans)
+            pad_alone += np.mean([padding_fraction(g, p) for g, p in zip(r[1:], o[1:])])
+            pad_agreed += np.mean([padding_fraction(g, p) for g, p in zip(r[1:], plans[1:])])
+    n = steps * args.ranks
+    return (f"{args.ranks} ranks agreeing on sub-batch counts: {alone / n:.1f} -> {agreed / n:.1f} sub-batches per "
+            f"step ({agreed / alone:.2f}x), document padding {pad_alone / n:.1%} -> {pad_agreed / n:.1%}")
 
 
 def sync(device: torch.device) -> None:
@@ -144,6 +171,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="padded-token budget per planned sub-batch")
     ap.add_argument("--overhead-tokens", type=int, default=OVERHEAD_TOKENS, help="planner's cost of one more forward")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device")
+    ap.add_argument("--ranks", type=int, default=8, help="simulated training ranks for the sub-batch agreement line")
     ap.add_argument("--tiny", action="store_true", help="tiny model, short documents, fp32 on CPU: a smoke run")
     ap.add_argument("--fp32-adapters", action="store_true", help="peft's fp32 adapters (the DDP backend's case)")
     ap.add_argument("--cudnn-attention", action="store_true", help="keep cuDNN SDPA on (the training job turns it off)")
@@ -189,6 +217,7 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {dtype}, "
           f"{args.layers} layers at hidden {args.hidden}, checkpoint built in {built:.0f} s; "
           f"LoRA params {sum(p.numel() for p in trainable) / 1e6:.2f} M; document padding in one batch {naive_pad:.1%}")
+    print(rank_agreement(args))
 
     if args.profile:
         profile_step(embedder, optimizer, batches, args, device)
