@@ -326,13 +326,14 @@ from diffembed.train.config import TrainConfig
 from diffembed.train.backends import make_backend
 from diffembed.train.worker import build_trainable, train_step
 from diffembed.train.losses import info_nce
+from diffembed.train.microbatch import plan_groups
 
 model, rank, world, chunk, init, out = sys.argv[1:7]
 rank, world, chunk = int(rank), int(world), int(chunk) or None
 if world > 1:
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=init)
 cfg = TrainConfig.from_dict({
-    "data": {"train_files": ["x.jsonl"]}, "embedder": {"model": model, "max_length": 32},
+    "data": {"train_files": ["x.jsonl"]}, "embedder": {"model": model, "max_length": 512},
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "deepspeed": {"enabled": False},
     "optim": {"global_batch_size": 4}, "run": {"num_workers": world},
 })
@@ -347,11 +348,14 @@ engine = make_backend(cfg, module, torch.device("cpu"), world)
 embedder.model = engine.model
 engine.step = lambda: None  # keep the step's gradients to compare
 queries = ["red zebra", "blue otter", "green heron", "black walrus"]
-docs = ["A red zebra by the river.", "A blue otter swims.", "A green heron waits.", "A black walrus sleeps."]
+# Two long and two short documents: each rank's length-planned groups are cut into several sub-batches, each run
+# through DDP's forward before the one backward (or GradCache's), and put back in input order.
+docs = ["A red zebra by the river. " * 60, "A blue otter swims.", "A green heron waits. " * 70, "A black walrus sleeps."]
 lo, hi = rank * 4 // world, (rank + 1) * 4 // world
 q = embedder.query_segments(queries[lo:hi], None)
 p = embedder.document_segments(docs[lo:hi], windows="first")
 n = embedder.document_segments(docs[::-1][lo:hi], windows="first")
+print("sub-batches", [len(plan) for plan in plan_groups([[len(s.ids) for s in g] for g in (q, p, n)])])
 train_step(embedder, engine, q, p, n, lambda q, p, n: info_nce(q, p, n, scale=20.0, gather=world > 1), chunk)
 torch.save({name: p.grad for name, p in module.named_parameters() if p.requires_grad}, out)
 """
@@ -374,9 +378,11 @@ def test_ddp_step_gradients_equal_the_single_process_full_batch(tmp_path, tiny_c
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out
 
     procs = [launch(0, 1, 0)] + [launch(rank, 2, chunk) for rank in range(2)]
-    for proc, _ in procs:
+    for i, (proc, _) in enumerate(procs):
         output = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, output[-3000:]
+        if i:  # each rank of two: one long and one short positive (and negative), cut into two sub-batches
+            assert "sub-batches [1, 2, 2]" in output, output[-3000:]
     reference, *ranks = [torch.load(out, weights_only=True) for _, out in procs]
     assert reference and all(g is not None for g in reference.values())
     for grads in ranks:
