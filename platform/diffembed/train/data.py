@@ -186,5 +186,6 @@ def plan_batches(
             rng.shuffle(rows)
             epoch += [rows[i : i + global_batch] for i in range(0, len(rows) - global_batch + 1, global_batch)]
         rng.shuffle(epoch)
-        plan += [[asdict(p) for p in batch] for batch in epoch]
-    return plan[:steps]
+        # only the batches the run takes become dicts: a large set's epoch would otherwise be copied whole
+        plan += [[asdict(p) for p in batch] for batch in epoch[: steps - len(plan)]]
+    return plan
