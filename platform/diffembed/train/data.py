@@ -136,9 +136,12 @@ def read_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -
                  "reason": None if isinstance(i, Pair) else i} for w, i in rows]
 
     ds = ray.data.read_binary_files(files, include_paths=True).flat_map(check)
-    records = sorted(ds.take_all(), key=lambda r: _order(r["where"], files))
-    checked = ((r["where"], Pair(**json.loads(r["pair"])) if r["pair"] else r["reason"]) for r in records)
-    pairs, bad = _collect(checked, bad_rows)
+    # Streamed to the driver block by block, each row kept once as its Pair (not all rows as records, then all
+    # again as Pairs): the driver's peak stays near the size of the pairs themselves.
+    rows = [(_order(r["where"], files), r["where"], Pair(**json.loads(r["pair"])) if r["pair"] else r["reason"])
+            for r in ds.iter_rows()]
+    rows.sort(key=lambda row: row[0])  # input order (file, row), whatever order the blocks arrived in
+    pairs, bad = _collect(((where, item) for _, where, item in rows), bad_rows)
     if not pairs:
         raise ConfigError(f"no usable training rows in {', '.join(files)}")
     return pairs, bad
