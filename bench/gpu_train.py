@@ -46,7 +46,7 @@ from diffembed.models.embedder import Embedder, Segment
 from diffembed.testing.tiny import write_tiny_checkpoint
 from diffembed.train.config import TrainConfig
 from diffembed.train.losses import info_nce
-from diffembed.train.microbatch import OVERHEAD_TOKENS, embed_in_order, padding_fraction, plan_chunks, plan_groups
+from diffembed.train.microbatch import OVERHEAD_TOKENS, embed_in_order, padding_fraction, plan_chunks, split_to
 from diffembed.train.backends import use_training_attention
 from diffembed.train.worker import build_trainable
 
@@ -85,9 +85,9 @@ def rank_agreement(args, steps: int = 50) -> str:
                                                             args.cap).astype(int).tolist() for _ in range(2)]
                  for _ in range(args.ranks)]
         own = [[plan_chunks(g, overhead_tokens=args.overhead_tokens) for g in r] for r in ranks]
-        most = [max(len(o[g]) for o in own) for g in range(3)]
+        most = [max(len(o[g]) for o in own) for g in range(3)]  # what `max_over_ranks` returns to every rank
         for r, o in zip(ranks, own):
-            plans = plan_groups(r, overhead_tokens=args.overhead_tokens, agree=lambda counts: most)
+            plans = [split_to(g, p, k) for g, p, k in zip(r, o, most)]  # plan_groups' cut, on the plans made above
             alone += sum(len(p) for p in o)
             agreed += sum(len(p) for p in plans)
             pad_alone += np.mean([padding_fraction(g, p) for g, p in zip(r[1:], o[1:])])
