@@ -27,7 +27,8 @@ import torch
 
 from diffembed.models.embedder import Embedder
 from diffembed.train.config import RunConfig, TrainConfig
-from diffembed.train.loop import build_plan, build_trainable, train
+from diffembed.train.data import load_pairs, plan_batches
+from diffembed.train.loop import build_trainable, train
 from diffembed.train.losses import info_nce
 
 DATA = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "data" / "tiny_pairs.jsonl"
@@ -50,7 +51,9 @@ def plain_loop(cfg: TrainConfig) -> list[float]:
     embedder.model = build_trainable(embedder, cfg)
     optimizer = torch.optim.AdamW([p for p in embedder.model.parameters() if p.requires_grad], lr=cfg.optim.lr)
     rates = []
-    for rows in build_plan(cfg):
+    pairs, _ = load_pairs(cfg.data.train_files, cfg.data.format, cfg.data.hard_negatives, cfg.data.bad_rows)
+    o, d = cfg.optim, cfg.data
+    for rows in plan_batches(pairs, o.global_batch_size, o.max_steps, d.same_source_batches, d.shuffle_seed):
         start = time.perf_counter()
         q = embedder.forward(embedder.collate(embedder.query_segments([r["query"] for r in rows],
                                                                        [r["instruction"] for r in rows])))

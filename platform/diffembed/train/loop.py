@@ -1,6 +1,7 @@
 """The training job's driver: build the batch plan, launch the workers with Ray Train, export, score.
 
-`train()` runs on the job's driver (a small head node at scale): it reads the data and plans every global batch,
+`train()` runs on the job's driver (a small head node at scale): it has Ray Data read and check the data, plans
+every global batch over row places (the rows themselves stay in Ray's object store; each worker fetches its own),
 hands the plan to `TorchTrainer(train_loop_per_worker)` (`diffembed.train.worker`), then runs the export as a Ray
 task on a training-worker-sized slot (`diffembed.train.export.export_remote`) and, with dev files, scores the base
 model before and the export after — neither ever loads model weights on the driver.
@@ -24,17 +25,23 @@ from diffembed.train.worker import build_trainable, train_loop_per_worker  # noq
 REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
-def build_plan(cfg: TrainConfig) -> list[list[dict]]:
+def build_plan(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's batch plan, for the workers: the training rows' blocks (object references: the text stays in
+    Ray's object store, `data.scan_pairs`) and each step's places in them, `block` and `offset` (steps,
+    global_batch). The driver holds a few bytes per row, whatever the size of the set."""
     from diffembed.files import expand_files
-    from diffembed.train.data import plan_batches, read_pairs
+    from diffembed.train.data import plan_positions, scan_pairs
 
     files = expand_files(cfg.data.train_files, "data.train_files")
-    pairs, bad = read_pairs(files, cfg.data.format, cfg.data.hard_negatives, cfg.data.bad_rows)
-    if bad.count:
-        print(f"skipped {bad.count} bad training rows, e.g. {bad.examples[0]}")
-    return plan_batches(
-        pairs, cfg.optim.global_batch_size, cfg.optim.max_steps, cfg.data.same_source_batches, cfg.data.shuffle_seed
-    )
+    rows = scan_pairs(files, cfg.data.format, cfg.data.hard_negatives, cfg.data.bad_rows)
+    if rows.bad.count:
+        print(f"skipped {rows.bad.count} bad training rows, e.g. {rows.bad.examples[0]}")
+    positions = plan_positions(
+        rows.sources, cfg.optim.global_batch_size, cfg.optim.max_steps, cfg.data.same_source_batches,
+        cfg.data.shuffle_seed,
+    )  # (steps, global_batch) row numbers in input order
+    block, offset = rows.locate(positions)
+    return {"blocks": rows.blocks, "block": block, "offset": offset}
 
 
 def scaling_config(cfg: TrainConfig):

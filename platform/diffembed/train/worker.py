@@ -54,10 +54,6 @@ def build_trainable(embedder, cfg: TrainConfig):
     return model
 
 
-def _step_rows(plan: list[list[dict]], step: int, rank: int, per_worker: int) -> list[dict]:
-    return plan[step][rank * per_worker : (rank + 1) * per_worker]
-
-
 def train_step(embedder, engine, q_segs, p_segs, n_segs, loss_fn, chunk: int | None):
     """One optimizer step on this rank's share of the global batch; returns the (local) loss.
 
@@ -111,8 +107,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from diffembed.models.embedder import Embedder
 
+    from diffembed.train.data import StepRows
+
     cfg = TrainConfig.model_validate(config["cfg"])
-    plan = ray.get(config["plan"])
     dev = ray.get(config["dev"]) if config.get("dev") is not None else []
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -139,13 +136,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("rank %d resumed at step %d", rank, start_step)
 
     b = cfg.per_worker_batch_size
+    plan = ray.get(config["plan"])  # places only (`loop.build_plan`): this rank fetches its rows a window at a time
+    step_rows = StepRows(plan["blocks"], plan["block"], plan["offset"], rank, b)
     chunk = cfg.loss.grad_cache_chunk_size
 
     for step in range(start_step, cfg.optim.max_steps):
         if cfg.run.fail_at_step is not None and step == cfg.run.fail_at_step and attempt == 0 and rank == 0:
             raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
         started = time.perf_counter()
-        rows = _step_rows(plan, step, rank, b)
+        rows = step_rows(step)
         q_segs = embedder.query_segments([r["query"] for r in rows], [r["instruction"] for r in rows])
         p_segs = embedder.document_segments([r["positive"] for r in rows], windows="first", spans=False)
         n_texts = [n for r in rows for n in r["negatives"]]
