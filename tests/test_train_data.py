@@ -120,6 +120,11 @@ def test_ray_data_reader_matches_the_local_one(ray_cluster, tmp_path):
     assert ray_read[1].examples == local[1].examples and ray_read[1].count == 2
     with pytest.raises(ConfigError, match=rf"{a}:2"):
         read_pairs([a, b], "auto", 1, "fail")
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet at all")
+    for reader in (load_pairs, read_pairs):  # a whole unreadable file is fatal even with skip, one line
+        with pytest.raises(ConfigError, match=rf"^{broken}: not a readable Parquet file \("):
+            reader([a, str(broken)], "auto", 1, "skip")
 
 
 def test_workers_fetch_the_rows_the_plan_names(ray_cluster, tmp_path):

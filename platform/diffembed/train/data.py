@@ -1,24 +1,23 @@
 """Training pairs: reading, validation (file and row of every bad row), and the global-batch plan.
 
-The plan is a list of global batches, each a list of `Pair`s; worker r of W takes rows [r*b, (r+1)*b) of
-every global batch, so all workers step through the same batch and, with `same_source_batches`, every
-global batch comes from one source dataset (the paper's recipe).
+The plan is (steps, global_batch) row numbers in input order (`plan_positions`); worker r of W takes columns
+[r*b, (r+1)*b) of every global batch, so all workers step through the same batch and, with
+`same_source_batches`, every global batch comes from one source dataset (the paper's recipe). The rows themselves
+stay in Ray's object store (`scan_pairs`); each worker fetches its own (`StepRows`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from diffembed.config import ConfigError
-from diffembed.files import decode_lines, json_lines, open_input
+from diffembed.rowfiles import BadRows, ScannedRows, checked, collect_bad, file_rows, scan_rows, take_rows
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,44 +27,6 @@ class Pair:
     negatives: list[str] = field(default_factory=list)
     instruction: str | None = None
     source: str = "default"
-
-
-@dataclass
-class BadRows:
-    count: int = 0
-    examples: list[str] = field(default_factory=list)  # "file:row: reason", the first few
-
-    def add(self, where: str, reason: str) -> None:
-        self.count += 1
-        if len(self.examples) < 20:
-            self.examples.append(f"{where}: {reason}")
-
-
-def _kind(path: str, fmt: str) -> str:
-    path = path.split("?", 1)[0] if "://" in path else path  # a URI's ?endpoint_override=… is not its suffix
-    return fmt if fmt != "auto" else ("parquet" if path.endswith((".parquet", ".pq")) else "jsonl")
-
-
-def _parse(data: bytes, kind: str) -> Iterator[tuple[int, Any]]:
-    """(row number starting at 1, parsed row or an Exception) for every row of a file's bytes."""
-    if kind == "parquet":
-        import io
-
-        import pyarrow.parquet as pq
-
-        yield from enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1)
-        return
-    yield from json_lines(decode_lines(data))
-
-
-def _rows(path: str, fmt: str) -> Iterator[tuple[int, Any]]:
-    """A local file's or a URI's rows (s3://, gs://, file://: `diffembed.files.open_input` resolves them)."""
-    try:
-        with open_input(path) as f:
-            data = f.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    yield from _parse(data, _kind(path, fmt))
 
 
 def _pair(row: Any, hard_negatives: int) -> Pair:
@@ -92,148 +53,77 @@ def _pair(row: Any, hard_negatives: int) -> Pair:
     )
 
 
-def _collect(checked: Iterator[tuple[str, Pair | str]], bad_rows: str) -> tuple[list[Pair], BadRows]:
-    """Pairs and bad rows from (where, pair or reason) items; fatal on the first bad row if asked."""
-    pairs, bad = [], BadRows()
-    for where, item in checked:
-        if isinstance(item, Pair):
-            pairs.append(item)
-        elif bad_rows == "fail":
-            raise ConfigError(f"{where}: bad training row: {item}")
-        else:
-            bad.add(where, item)
-    if bad.count:
-        log.warning("skipped %d bad training rows; first: %s", bad.count, "; ".join(bad.examples[:3]))
-    return pairs, bad
+def _pair_columns(hard_negatives: int):
+    """The row check of `scan_rows`: a Pair as JSON (`pair`) and its `source`, or why the row is bad."""
 
+    def check(row: Any) -> dict[str, Any]:
+        pair = _pair(row, hard_negatives)
+        return {"pair": json.dumps(asdict(pair)), "source": pair.source}
 
-def _check(path: str, rows: Iterator[tuple[int, Any]], hard_negatives: int) -> Iterator[tuple[str, Pair | str]]:
-    for number, row in rows:
-        try:
-            yield f"{path}:{number}", _pair(row, hard_negatives)
-        except ValueError as exc:
-            yield f"{path}:{number}", str(exc)
+    return check
 
 
 def load_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> tuple[list[Pair], BadRows]:
     """Read and validate in this process (small files: dev sets, tests)."""
-    checked = (item for path in files for item in _check(path, _rows(path, fmt), hard_negatives))
-    pairs, bad = _collect(checked, bad_rows)
+    pairs, bad = [], []
+    for path in files:
+        for where, item in checked(path, file_rows(path, fmt), lambda row: {"pair": _pair(row, hard_negatives)}):
+            if isinstance(item, dict):
+                pairs.append(item["pair"])
+            else:
+                bad.append((where, item))
+    found = collect_bad(bad, bad_rows)
     if not pairs:
         raise ConfigError(f"no usable training rows in {', '.join(files)}")
-    return pairs, bad
+    return pairs, found
 
 
 @dataclass
 class TrainingRows:
-    """The validated training rows of a run, left where Ray Data put them: the driver holds references only.
+    """The validated training rows of a run, left where Ray Data put them (`rowfiles.scan_rows`): the driver holds
+    each row's place and source, a few bytes per row, never its text. `pairs()` fetches rows here (tests)."""
 
-    `blocks` are Ray object references to Arrow tables whose `pair` column is one Pair as JSON (bad rows are
-    in them too, unreferenced); row i of the input order (file, row) is row `offset[i]` of `blocks[block[i]]`,
-    and `sources[i]` names its source. A 10^6-row set costs the driver a few MB of arrays, not its text.
-    """
+    scanned: ScannedRows
 
-    blocks: list[Any]
-    block: np.ndarray  # (N,) int32
-    offset: np.ndarray  # (N,) int64
-    sources: list[str]
-    bad: BadRows
+    @property
+    def blocks(self) -> list[Any]:
+        return self.scanned.blocks
+
+    @property
+    def sources(self) -> list[str]:
+        return self.scanned.columns["source"]
+
+    @property
+    def bad(self) -> BadRows:
+        return self.scanned.bad
 
     def __len__(self) -> int:
-        return len(self.block)
+        return len(self.scanned)
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(block, offset) arrays of the same shape as `positions` (row numbers in input order)."""
-        return self.block[positions], self.offset[positions]
+        return self.scanned.locate(positions)
 
     def pairs(self, positions: np.ndarray | None = None) -> list[Pair]:
         """The rows at `positions` (all by default) as Pairs, fetched here: small sets and tests only."""
         positions = np.arange(len(self)) if positions is None else np.asarray(positions)
-        block, offset = self.locate(positions)
-        return [Pair(**row) for row in take_rows(self.blocks, block, offset)]
+        return [Pair(**row) for row in take_pairs(self.blocks, *self.locate(positions))]
 
 
-def take_rows(blocks: list[Any], block: np.ndarray, offset: np.ndarray) -> list[dict[str, Any]]:
-    """Rows `offset[i]` of `blocks[block[i]]` as dicts, in that order; one block is fetched at a time (a local
-    block is mapped from Ray's object store without a copy) and dropped before the next."""
-    import ray
-
-    block, offset = np.asarray(block).ravel(), np.asarray(offset).ravel()
-    rows: list[Any] = [None] * len(block)
-    for b in np.unique(block):
-        where = np.flatnonzero(block == b)
-        column = ray.get(blocks[int(b)]).column("pair").take(offset[where]).to_pylist()
-        for i, text in zip(where.tolist(), column):
-            rows[i] = json.loads(text)
-    return rows
+def take_pairs(blocks: list[Any], block: np.ndarray, offset: np.ndarray) -> list[dict[str, Any]]:
+    """Rows `offset[i]` of `blocks[block[i]]` as Pair dicts, in that order."""
+    return [json.loads(text) for text in take_rows(blocks, block, offset, "pair")]
 
 
 def scan_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> TrainingRows:
-    """Read and validate with Ray Data (parallel, any pyarrow filesystem); the rows stay in Ray's object store.
-
-    Files are read whole (`read_binary_files`) so every bad row keeps its file and row number. The driver gets
-    each row's place and source (one small task per block), never its text: workers fetch the rows they train on.
-    """
-    import ray
-    import ray.data
-
-    def check(record: dict[str, Any]) -> list[dict[str, Any]]:
-        path = _given(record["path"], files)  # Ray Data drops a URI's scheme: report the name the user gave
-        index = files.index(path) if path in files else len(files)
-        rows = _check(path, _parse(record["bytes"], _kind(path, fmt)), hard_negatives)
-        return [{"file": index, "row": int(w.rpartition(":")[2]), "where": w,
-                 "pair": json.dumps(asdict(i)) if isinstance(i, Pair) else None,
-                 "source": i.source if isinstance(i, Pair) else None,
-                 "reason": None if isinstance(i, Pair) else i} for w, i in rows]
-
-    blocks = ray.data.read_binary_files(files, include_paths=True).flat_map(check).to_arrow_refs()
-    place = ray.remote(num_cpus=1)(_places)
-    places = ray.get([place.remote(ref) for ref in blocks])
-    block = np.concatenate([np.full(len(p[0]), i, np.int32) for i, p in enumerate(places)] or [np.zeros(0, np.int32)])
-    offset, key, source, bad_where = [], [], [], []
-    for file_row, offsets, sources, bad in places:
-        key.append(file_row)
-        offset.append(offsets)
-        source += sources
-        bad_where += bad
-    key_all = np.concatenate(key) if key else np.zeros((0, 2), np.int64)  # (N, 2): file, row
-    order = np.lexsort((key_all[:, 1], key_all[:, 0])) if len(key_all) else np.zeros(0, np.int64)
-    bad_where.sort()  # input order, whatever order the blocks arrived in
-    _, bad = _collect(((where, reason) for _, where, reason in bad_where), bad_rows)
-    if not len(order):
-        raise ConfigError(f"no usable training rows in {', '.join(files)}")
-    offset_all = np.concatenate(offset)
-    return TrainingRows(blocks=blocks, block=block[order], offset=offset_all[order],
-                        sources=[source[i] for i in order.tolist()], bad=bad)
-
-
-def _places(table) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[tuple[int, int], str, str]]]:
-    """A block's good rows as ((file, row) keys (n, 2), offsets in the block, sources) and its bad rows as
-    ((file, row), where, reason)."""
-    reason = table.column("reason").to_pylist()
-    good = np.array([r is None for r in reason], dtype=bool)
-    file, row = (np.asarray(table.column(c).to_numpy(), dtype=np.int64) for c in ("file", "row"))
-    offsets = np.flatnonzero(good)
-    sources = table.column("source").take(offsets).to_pylist()
-    where = table.column("where").to_pylist()
-    bad = [((int(file[i]), int(row[i])), where[i], reason[i]) for i in np.flatnonzero(~good).tolist()]
-    return np.stack([file[offsets], row[offsets]], axis=1), offsets, sources, bad
+    """Read and validate with Ray Data (parallel, any pyarrow filesystem); the rows stay in Ray's object store and
+    workers fetch the ones they train on."""
+    return TrainingRows(scan_rows(files, fmt, _pair_columns(hard_negatives), bad_rows, keep=("source",)))
 
 
 def read_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> tuple[list[Pair], BadRows]:
     """`scan_pairs`, every row then fetched to this process as a Pair (small sets and tests)."""
     rows = scan_pairs(files, fmt, hard_negatives, bad_rows)
     return rows.pairs(), rows.bad
-
-
-def _given(path: str, files: list[str]) -> str:
-    """The input as given (`s3://bucket/key`) for a path as Ray Data reports it (`bucket/key`)."""
-    if path in files:
-        return path
-    path = path.lstrip("/")
-    bare = {f: f.split("?", 1)[0].split("://")[-1].lstrip("/") for f in files}
-    hits = [f for f, b in bare.items() if path == b or path.endswith("/" + b)]
-    return max(hits, key=lambda f: len(bare[f])) if hits else path
 
 
 def plan_positions(
@@ -294,7 +184,7 @@ class StepRows:
         start = step - step % self.window
         if start != self._start:
             stop = min(start + self.window, len(self))
-            self._rows = take_rows(self.blocks, self.block[start:stop], self.offset[start:stop])
+            self._rows = take_pairs(self.blocks, self.block[start:stop], self.offset[start:stop])
             self._start = start
         at = (step - start) * self.per_worker
         return self._rows[at : at + self.per_worker]

@@ -1,0 +1,208 @@
+"""Rows of JSONL / Parquet input files (training pairs, pairs to mine negatives for), read and checked on the
+cluster, every bad row named `file:row`.
+
+`scan_rows` has Ray Data read the files whole (parallel, any pyarrow filesystem) and run a row check; the checked
+rows stay in Ray's object store as Arrow blocks. The driver gets each good row's place (block, offset) in input order,
+a few small columns it asks for, and the bad rows' reasons: never the rows' text. `file_rows` reads one file in this
+process (small files: dev sets, tests).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from diffembed.config import ConfigError
+from diffembed.files import decode_lines, json_lines, open_input
+
+log = logging.getLogger(__name__)
+
+# A row check returns the row's columns (a dict of plain values) or the reason it is bad.
+RowCheck = Callable[[Any], "dict[str, Any] | str"]
+
+
+@dataclass
+class BadRows:
+    count: int = 0
+    examples: list[str] = field(default_factory=list)  # "file:row: reason", the first few
+
+    def add(self, where: str, reason: str) -> None:
+        self.count += 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{where}: {reason}")
+
+
+def file_kind(path: str, fmt: str) -> str:
+    path = path.split("?", 1)[0] if "://" in path else path  # a URI's ?endpoint_override=… is not its suffix
+    return fmt if fmt != "auto" else ("parquet" if path.endswith((".parquet", ".pq")) else "jsonl")
+
+
+def parse_rows(data: bytes, kind: str, path: str) -> Iterator[tuple[int, Any]]:
+    """(row number from 1, parsed row or an Exception) for every row of a file's bytes; ConfigError for a file
+    that is not Parquet at all (one line, not pyarrow's context)."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except Exception as exc:
+            raise ConfigError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        yield from enumerate(table.to_pylist(), start=1)
+        return
+    yield from json_lines(decode_lines(data))
+
+
+def file_rows(path: str, fmt: str) -> Iterator[tuple[int, Any]]:
+    """A local file's or a URI's rows, read in this process (s3://, gs://, file://: `open_input` resolves them)."""
+    try:
+        with open_input(path) as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    yield from parse_rows(data, file_kind(path, fmt), path)
+
+
+def checked(path: str, rows: Iterator[tuple[int, Any]], check: RowCheck) -> Iterator[tuple[str, dict | str]]:
+    """(`file:row`, the row's columns or why it is bad) for every row."""
+    for number, row in rows:
+        try:
+            yield f"{path}:{number}", check(row)
+        except ValueError as exc:
+            yield f"{path}:{number}", str(exc)
+
+
+def collect_bad(bad_rows: list[tuple[str, str]], policy: str, what: str = "bad training row") -> BadRows:
+    """The bad rows (`file:row`, reason), in input order, counted; ConfigError on the first when `policy` is
+    `fail`."""
+    bad = BadRows()
+    for where, reason in bad_rows:
+        if policy == "fail":
+            raise ConfigError(f"{where}: {what}: {reason}")
+        bad.add(where, reason)
+    if bad.count:
+        log.warning("skipped %d bad rows; first: %s", bad.count, "; ".join(bad.examples[:3]))
+    return bad
+
+
+@dataclass
+class ScannedRows:
+    """Checked rows left where Ray Data put them. `blocks` are object references to Arrow tables holding the
+    check's columns (bad rows are in them too, unreferenced); good row i in input order (file, row) is row
+    `offset[i]` of `blocks[block[i]]`; `columns` holds the small columns the driver asked for, per good row."""
+
+    blocks: list[Any]
+    block: np.ndarray  # (N,) int32
+    offset: np.ndarray  # (N,) int64
+    columns: dict[str, list[Any]]
+    bad: BadRows
+
+    def __len__(self) -> int:
+        return len(self.block)
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(block, offset) arrays of the same shape as `positions` (good-row numbers in input order)."""
+        return self.block[positions], self.offset[positions]
+
+    def blocks_in_order(self) -> list[Any]:
+        """The blocks holding good rows, in input order: a block holds a contiguous run of rows (a read task's
+        files, in order), so ordering the blocks orders the rows."""
+        first = {}
+        for i, b in enumerate(self.block.tolist()):
+            first.setdefault(b, i)
+        order = sorted(first, key=first.get)
+        ends = [np.flatnonzero(self.block == b) for b in order]
+        if any(len(e) != e[-1] - e[0] + 1 for e in ends):
+            raise RuntimeError("a block's rows are not contiguous in input order")
+        return [self.blocks[b] for b in order]
+
+
+def take_rows(blocks: list[Any], block: np.ndarray, offset: np.ndarray, column: str) -> list[Any]:
+    """`column` of row `offset[i]` of `blocks[block[i]]`, in that order; one block is fetched at a time (a local
+    block is mapped from Ray's object store without a copy) and dropped before the next."""
+    import ray
+
+    block, offset = np.asarray(block).ravel(), np.asarray(offset).ravel()
+    values: list[Any] = [None] * len(block)
+    for b in np.unique(block):
+        where = np.flatnonzero(block == b)
+        for i, value in zip(where.tolist(), ray.get(blocks[int(b)]).column(column).take(offset[where]).to_pylist()):
+            values[i] = value
+    return values
+
+
+def scan_rows(files: list[str], fmt: str, check: RowCheck, bad_rows: str, keep: tuple[str, ...] = (),
+              what: str = "bad training row") -> ScannedRows:
+    """Read `files` with Ray Data, `check` every row; returns the good rows' places and their `keep` columns.
+
+    Files are read whole (`read_binary_files`) so every bad row keeps its file and row number. Every column the
+    check returns must be there for every good row (Arrow needs one schema per block); a bad row's are null.
+    """
+    import ray
+    import ray.data
+
+    def check_file(record: dict[str, Any]) -> list[dict[str, Any]]:
+        path = given_path(record["path"], files)  # Ray Data drops a URI's scheme: report the name the user gave
+        index = files.index(path) if path in files else len(files)
+        try:
+            rows = list(checked(path, parse_rows(record["bytes"], file_kind(path, fmt), path), check))
+        except ConfigError as exc:  # the whole file is unreadable: fatal, whatever `bad_rows` says
+            return [{"file": index, "row": 0, "where": path, "reason": str(exc), "fatal": True}]
+        return [{"file": index, "row": int(w.rpartition(":")[2]), "where": w, "fatal": False,
+                 **({"reason": None, **item} if isinstance(item, dict) else {"reason": item})} for w, item in rows]
+
+    blocks = ray.data.read_binary_files(files, include_paths=True).flat_map(check_file).to_arrow_refs()
+    place = ray.remote(num_cpus=1)(_places)
+    places = ray.get([place.remote(ref, keep) for ref in blocks])
+    fatal = [reason for p in places for reason in p[4]]
+    if fatal:
+        raise ConfigError(sorted(fatal)[0])
+    keys = np.concatenate([p[0] for p in places]) if places else np.zeros((0, 2), np.int64)  # (N, 2): file, row
+    block = np.concatenate([np.full(len(p[0]), i, np.int32) for i, p in enumerate(places)] or [np.zeros(0, np.int32)])
+    offset = np.concatenate([p[1] for p in places]) if places else np.zeros(0, np.int64)
+    bad = collect_bad([(where, reason) for _, where, reason in sorted(b for p in places for b in p[3])], bad_rows,
+                      what)  # in input order, whatever order the blocks arrived in
+    if not len(keys):
+        raise ConfigError(f"no usable training rows in {', '.join(files)}")
+    order = np.lexsort((keys[:, 1], keys[:, 0]))
+    columns = {name: [v for p in places for v in p[2][name]] for name in keep}
+    return ScannedRows(blocks=blocks, block=block[order], offset=offset[order],
+                       columns={name: [values[i] for i in order.tolist()] for name, values in columns.items()},
+                       bad=bad)
+
+
+def _places(table, keep: tuple[str, ...]):
+    """A block's good rows: (file, row) keys (n, 2), offsets in the block, their `keep` columns; its bad rows as
+    ((file, row), where, reason); the reasons of unreadable files."""
+    if "reason" not in table.column_names:  # an empty block
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64), {k: [] for k in keep}, [], []
+    reason = table.column("reason").to_pylist()
+    fatal = table.column("fatal").to_pylist()
+    good = np.array([r is None for r in reason], dtype=bool)
+    file, row = (np.asarray(table.column(c).to_numpy(), dtype=np.int64) for c in ("file", "row"))
+    offsets = np.flatnonzero(good)
+    # (a block of bad rows only has none of the check's columns)
+    columns = {k: table.column(k).take(offsets).to_pylist() if len(offsets) else [] for k in keep}
+    where = table.column("where").to_pylist()
+    bad = [((int(file[i]), int(row[i])), where[i], reason[i]) for i in np.flatnonzero(~good).tolist() if not fatal[i]]
+    return (np.stack([file[offsets], row[offsets]], axis=1), offsets, columns, bad,
+            [reason[i] for i in np.flatnonzero(fatal).tolist()])
+
+
+def given_path(path: str, files: list[str]) -> str:
+    """The input as given (`s3://bucket/key`) for a path as Ray Data reports it (`bucket/key`)."""
+    if path in files:
+        return path
+    path = path.lstrip("/")
+    bare = {f: f.split("?", 1)[0].split("://")[-1].lstrip("/") for f in files}
+    hits = [f for f, b in bare.items() if path == b or path.endswith("/" + b)]
+    return max(hits, key=lambda f: len(bare[f])) if hits else path
+
+
+def json_column(value: Any) -> str:
+    """A row (or part of one) as a JSON string column value: Arrow needs one type per column across rows."""
+    return json.dumps(value, ensure_ascii=False, default=str)
