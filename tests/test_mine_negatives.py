@@ -83,7 +83,6 @@ def test_bad_config_and_input_are_one_line_errors(tmp_path):
     bad.write_text(json.dumps({"query": "q", "positive": "p"}) + "\n" + json.dumps({"query": "q2"}) + "\n")
     cases = [
         ([f"input.files=[{tmp_path}/missing.jsonl]"], "missing.jsonl"),
-        ([f"input.files=[{bad}]"], f"{bad}:2: bad training row: missing or empty 'positive'"),
         (["candidates.source=store"], "candidates.store"),
         (["negatives.per_query=5", "negatives.window=2"], "exceeds negatives.window"),
         (["candidates.source=store", f"candidates.store.path={tmp_path}/q", "candidates.store.collection=none"],
@@ -101,6 +100,23 @@ def test_bad_config_and_input_are_one_line_errors(tmp_path):
         assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_a_bad_row_stops_the_job_before_any_encoding_in_one_line(ray_cluster, capsys, tmp_path):
+    """The input is read and checked on the cluster (Ray tasks); with `input.bad_rows: fail` the first bad row in
+    input order is the job's one error line, and no output (not even a partial one) is left."""
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "jobs" / "mine_negatives.py"))["main"]
+    good = write_jsonl(tmp_path / "a.jsonl", stdlib_pairs(3))
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"query": "q", "positive": "p"}) + "\n" + json.dumps({"query": "q2"}) + "\n{x\n")
+    code = main(["--config", str(ROOT / "jobs" / "configs" / "mine_exact.yaml"), f"input.files=[{good},{bad}]",
+                 f"output={tmp_path}/out.jsonl", "input.bad_rows=fail"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: {bad}:2: bad training row: missing or empty 'positive' "
+                                 "(input.bad_rows=skip skips it)"], err
+    assert not list(tmp_path.glob("out.jsonl*"))
+
+
 def test_shipped_configs_parse():
     for path in sorted(ROOT.glob("jobs/configs/mine_*.yaml")):
         MineNegativesConfig.from_yaml(path)
@@ -109,10 +125,10 @@ def test_shipped_configs_parse():
 # ------------------------------------------------------------------------------------------ the job on Ray
 
 
-def config(tmp_path: Path, pairs: Path, out: str, **sections) -> MineNegativesConfig:
+def config(tmp_path: Path, pairs: Path | list[Path], out: str, **sections) -> MineNegativesConfig:
     return MineNegativesConfig.from_dict({
         "embedder": {"model": "all-MiniLM-L6-v2", "max_length": 64},
-        "input": {"files": [str(pairs)]},
+        "input": {"files": [str(p) for p in (pairs if isinstance(pairs, list) else [pairs])], "bad_rows": "skip"},
         "output": str(tmp_path / out),
         "negatives": {"per_query": 2, "window": 8},
         "encode": {"batch_size": 16},
@@ -147,11 +163,16 @@ def check_mined(minilm, rows: list[dict], out: list[dict], pool: list[str]) -> N
 def test_exact_mining_is_deterministic_harder_than_random_and_trains(ray_cluster, tmp_path, minilm, tiny_checkpoints):
     rows = stdlib_pairs()
     rows[0]["negatives"] = ["an old negative, replaced"]
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    # Two files, the first with a bad row (skipped): the output keeps the input's order across files.
+    first = write_jsonl(tmp_path / "pairs-a.jsonl", rows[:25])
+    first.write_text(first.read_text() + json.dumps({"query": "no positive"}) + "\n")
+    pairs = [first, write_jsonl(tmp_path / "pairs-b.jsonl", rows[25:])]
     summary = mine_negatives(config(tmp_path, pairs, "mined.jsonl", summary_path=str(tmp_path / "summary.json")))
     again = mine_negatives(config(tmp_path, pairs, "again.jsonl"))
     assert (tmp_path / "mined.jsonl").read_bytes() == (tmp_path / "again.jsonl").read_bytes()  # deterministic
     assert summary["rows"] == len(rows) and summary["candidates"] == "exact"
+    assert summary["skipped_rows"] == 1 and summary["skipped_examples"][0].startswith(f"{first}:26: missing")
+    assert not list(tmp_path.glob("*.partial"))
     assert summary["mean_negative_score"] < summary["mean_positive_score"]
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == len(rows)
     out = read_jsonl(tmp_path / "mined.jsonl")
@@ -192,3 +213,35 @@ def test_store_mining_never_returns_the_positives_chunks(ray_cluster, tmp_path, 
     # Another embedding function than the collection's is refused before any work.
     with pytest.raises(ConfigError, match="different embedding function"):
         mine_negatives(cfg.model_copy(update={"embedder": cfg.embedder.model_copy(update={"max_length": 32})}))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_output_appears_whole_or_not_at_all(tmp_path, s3_bucket, where):
+    """The mined rows are appended to `<output>.partial` as they arrive and renamed at the end; a failed run leaves
+    neither the output nor the partial file (local path or URI)."""
+    import pyarrow.fs as pafs
+
+    from diffembed.mining.job import _Output
+
+    if where == "local":
+        output = str(tmp_path / "out" / "mined.jsonl")
+        listing = lambda: sorted(p.name for p in (tmp_path / "out").glob("*"))  # noqa: E731
+        read = lambda: (tmp_path / "out" / "mined.jsonl").read_text()  # noqa: E731
+    else:
+        output = s3_bucket.uri("runs/mined.jsonl")
+        listing = lambda: sorted(i.base_name for i in s3_bucket.fs.get_file_info(  # noqa: E731
+            pafs.FileSelector(f"{s3_bucket.name}/runs", allow_not_found=True)))
+        read = lambda: s3_bucket.fs.open_input_stream(f"{s3_bucket.name}/runs/mined.jsonl").read().decode()  # noqa
+    with pytest.raises(RuntimeError, match="mining failed"):
+        with _Output(output) as out:
+            out.write(['{"query": "a"}'])
+            if where == "local":  # written as the rows arrive (an S3 upload shows when it is closed)
+                assert listing() == ["mined.jsonl.partial"]
+            raise RuntimeError("mining failed")
+    assert listing() == []
+    with _Output(output) as out:
+        out.write(['{"query": "a"}', '{"query": "b"}'])
+        out.write([])
+        out.write(['{"query": "c"}'])
+    assert listing() == ["mined.jsonl"]
+    assert read() == '{"query": "a"}\n{"query": "b"}\n{"query": "c"}\n'

@@ -1,8 +1,8 @@
 """Rows of JSONL / Parquet input files (training pairs, pairs to mine negatives for), read and checked on the
 cluster, every bad row named `file:row`.
 
-`scan_rows` has Ray Data read the files whole (parallel, any pyarrow filesystem) and run a row check; the checked
-rows stay in Ray's object store as Arrow blocks. The driver gets each good row's place (block, offset) in input order,
+`scan_rows` reads the files whole in Ray tasks (one per file, any pyarrow filesystem) and runs a row check; the
+checked rows stay in Ray's object store as Arrow tables. The driver gets each good row's place (block, offset) in input order,
 a few small columns it asks for, and the bad rows' reasons: never the rows' text. `file_rows` reads one file in this
 process (small files: dev sets, tests).
 """
@@ -76,13 +76,14 @@ def checked(path: str, rows: Iterator[tuple[int, Any]], check: RowCheck) -> Iter
             yield f"{path}:{number}", str(exc)
 
 
-def collect_bad(bad_rows: list[tuple[str, str]], policy: str, what: str = "bad training row") -> BadRows:
+def collect_bad(bad_rows: list[tuple[str, str]], policy: str, what: str = "bad training row", hint: str = ""
+                ) -> BadRows:
     """The bad rows (`file:row`, reason), in input order, counted; ConfigError on the first when `policy` is
-    `fail`."""
+    `fail` (`<file:row>: <what>: <reason><hint>`)."""
     bad = BadRows()
     for where, reason in bad_rows:
         if policy == "fail":
-            raise ConfigError(f"{where}: {what}: {reason}")
+            raise ConfigError(f"{where}: {what}: {reason}{hint}")
         bad.add(where, reason)
     if bad.count:
         log.warning("skipped %d bad rows; first: %s", bad.count, "; ".join(bad.examples[:3]))
@@ -136,36 +137,28 @@ def take_rows(blocks: list[Any], block: np.ndarray, offset: np.ndarray, column: 
 
 
 def scan_rows(files: list[str], fmt: str, check: RowCheck, bad_rows: str, keep: tuple[str, ...] = (),
-              what: str = "bad training row") -> ScannedRows:
-    """Read `files` with Ray Data, `check` every row; returns the good rows' places and their `keep` columns.
+              what: str = "bad training row", hint: str = "") -> ScannedRows:
+    """Read and `check` every row of `files` in Ray tasks, one per file; returns the good rows' places and their
+    `keep` columns. The rows stay in Ray's object store (each task's Arrow table); a lost one is rebuilt by Ray's
+    lineage reconstruction (the file is read again).
 
-    Files are read whole (`read_binary_files`) so every bad row keeps its file and row number. Every column the
-    check returns must be there for every good row (Arrow needs one schema per block); a bad row's are null.
+    Files are read whole so every bad row keeps its file and row number. A table holds the check's columns (a bad
+    row's are null) and the scan's own, `_file`, `_row`, `_where`, `_reason` (null for a good row) and `_fatal`.
     """
     import ray
-    import ray.data
 
-    def check_file(record: dict[str, Any]) -> list[dict[str, Any]]:
-        path = given_path(record["path"], files)  # Ray Data drops a URI's scheme: report the name the user gave
-        index = files.index(path) if path in files else len(files)
-        try:
-            rows = list(checked(path, parse_rows(record["bytes"], file_kind(path, fmt), path), check))
-        except ConfigError as exc:  # the whole file is unreadable: fatal, whatever `bad_rows` says
-            return [{"file": index, "row": 0, "where": path, "reason": str(exc), "fatal": True}]
-        return [{"file": index, "row": int(w.rpartition(":")[2]), "where": w, "fatal": False,
-                 **({"reason": None, **item} if isinstance(item, dict) else {"reason": item})} for w, item in rows]
-
-    blocks = ray.data.read_binary_files(files, include_paths=True).flat_map(check_file).to_arrow_refs()
-    place = ray.remote(num_cpus=1)(_places)
-    places = ray.get([place.remote(ref, keep) for ref in blocks])
+    scan = ray.remote(num_cpus=1)(_scan_file).options(num_returns=2)
+    refs = [scan.remote(path, index, fmt, check, keep) for index, path in enumerate(files)]
+    blocks = [table for table, _ in refs]
+    places = ray.get([place for _, place in refs])
     fatal = [reason for p in places for reason in p[4]]
     if fatal:
-        raise ConfigError(sorted(fatal)[0])
-    keys = np.concatenate([p[0] for p in places]) if places else np.zeros((0, 2), np.int64)  # (N, 2): file, row
-    block = np.concatenate([np.full(len(p[0]), i, np.int32) for i, p in enumerate(places)] or [np.zeros(0, np.int32)])
-    offset = np.concatenate([p[1] for p in places]) if places else np.zeros(0, np.int64)
+        raise ConfigError(fatal[0])
+    keys = np.concatenate([p[0] for p in places])  # (N, 2): file, row
+    block = np.concatenate([np.full(len(p[0]), i, np.int32) for i, p in enumerate(places)])
+    offset = np.concatenate([p[1] for p in places])
     bad = collect_bad([(where, reason) for _, where, reason in sorted(b for p in places for b in p[3])], bad_rows,
-                      what)  # in input order, whatever order the blocks arrived in
+                      what, hint)  # in input order
     if not len(keys):
         raise ConfigError(f"no usable training rows in {', '.join(files)}")
     order = np.lexsort((keys[:, 1], keys[:, 0]))
@@ -175,32 +168,27 @@ def scan_rows(files: list[str], fmt: str, check: RowCheck, bad_rows: str, keep: 
                        bad=bad)
 
 
-def _places(table, keep: tuple[str, ...]):
-    """A block's good rows: (file, row) keys (n, 2), offsets in the block, their `keep` columns; its bad rows as
-    ((file, row), where, reason); the reasons of unreadable files."""
-    if "reason" not in table.column_names:  # an empty block
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64), {k: [] for k in keep}, [], []
-    reason = table.column("reason").to_pylist()
-    fatal = table.column("fatal").to_pylist()
-    good = np.array([r is None for r in reason], dtype=bool)
-    file, row = (np.asarray(table.column(c).to_numpy(), dtype=np.int64) for c in ("file", "row"))
+def _scan_file(path: str, index: int, fmt: str, check: RowCheck, keep: tuple[str, ...]):
+    """One file's rows as an Arrow table (stays in the object store) and its places (to the driver): the good rows'
+    (file, row) keys (n, 2), offsets in the table and `keep` columns; the bad rows as ((file, row), where, reason);
+    the reason the file is unreadable, if it is."""
+    import pyarrow as pa
+
+    empty = (np.zeros((0, 2), np.int64), np.zeros(0, np.int64), {k: [] for k in keep}, [])
+    try:
+        items = list(checked(path, file_rows(path, fmt), check))
+    except ConfigError as exc:  # the whole file is unreadable: fatal, whatever `bad_rows` says
+        return pa.table({}), (*empty, [str(exc)])
+    rows = [{"_file": index, "_row": int(w.rpartition(":")[2]), "_where": w,
+             **({"_reason": None, **item} if isinstance(item, dict) else {"_reason": item})} for w, item in items]
+    names = list(dict.fromkeys(name for row in rows for name in row))  # every row's columns, nulls where missing
+    table = pa.table({name: [row.get(name) for row in rows] for name in names}) if rows else pa.table({})
+    good = np.array([row["_reason"] is None for row in rows], dtype=bool)
     offsets = np.flatnonzero(good)
-    # (a block of bad rows only has none of the check's columns)
-    columns = {k: table.column(k).take(offsets).to_pylist() if len(offsets) else [] for k in keep}
-    where = table.column("where").to_pylist()
-    bad = [((int(file[i]), int(row[i])), where[i], reason[i]) for i in np.flatnonzero(~good).tolist() if not fatal[i]]
-    return (np.stack([file[offsets], row[offsets]], axis=1), offsets, columns, bad,
-            [reason[i] for i in np.flatnonzero(fatal).tolist()])
-
-
-def given_path(path: str, files: list[str]) -> str:
-    """The input as given (`s3://bucket/key`) for a path as Ray Data reports it (`bucket/key`)."""
-    if path in files:
-        return path
-    path = path.lstrip("/")
-    bare = {f: f.split("?", 1)[0].split("://")[-1].lstrip("/") for f in files}
-    hits = [f for f, b in bare.items() if path == b or path.endswith("/" + b)]
-    return max(hits, key=lambda f: len(bare[f])) if hits else path
+    keys = np.array([[index, row["_row"]] for row in rows], dtype=np.int64).reshape(-1, 2)
+    bad = [((index, rows[i]["_row"]), rows[i]["_where"], rows[i]["_reason"]) for i in np.flatnonzero(~good).tolist()]
+    columns = {k: [rows[i][k] for i in offsets.tolist()] for k in keep}
+    return table, (keys[offsets], offsets, columns, bad, [])
 
 
 def json_column(value: Any) -> str:

@@ -1,32 +1,35 @@
 """Training pairs in, the same rows with mined hard negatives out (`negatives`, as the train job's
 `data.hard_negatives` reads them).
 
-The driver reads and checks the pairs (every bad row named `file:row`), and with `candidates.source: store` checks
-the collection (it exists, holds text, was embedded by this embedder) before Ray starts any work. Ray Data then runs
-the query side: an encoder actor pool (one model load per actor, as the batch job's) embeds each row's query and
-positive; a mining stage ranks candidates — the input's own positives by brute-force cosine (`exact`), or the
-collection through `store.search` (dense, BM25 or hybrid; one actor holds an embedded Edge store) — and picks the
-negatives (`pick_negatives`: rank window, false-negative filter, seeded draw). The driver writes the rows back in
-input order with every input field kept.
+Before any encoding, Ray Data reads and checks the pairs (`rowfiles.scan_rows`: every bad row named `file:row`; with
+`input.bad_rows: fail` the first one stops the job), and with `candidates.source: store` the driver checks the
+collection (it exists, holds text, was embedded by this embedder). The rows then stream through an encoder actor
+pool (one model load per actor, as the batch job's) that embeds each row's query and positive, and a mining stage
+that ranks candidates — the input's own positives by brute-force cosine (`exact`; the pool is built inside the
+mining actor), or the collection through `store.search` (dense, BM25 or hybrid; one actor holds an embedded Edge
+store) — and picks the negatives (`pick_negatives`: rank window, false-negative filter, seeded draw). The driver
+appends the finished rows, every input field kept, to the output file in input order as they arrive: it holds one
+batch of rows at a time, never the input.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import os
 import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from diffembed.config import ConfigError, EmbedderConfig
 from diffembed.index.config import StoreConfig
 from diffembed.mining.config import MineNegativesConfig, NegativesConfig
+from diffembed.rowfiles import json_column, scan_rows
 
 SCORE_DECIMALS = 5  # ranks are decided on rounded scores (ties by key): batching noise (~1e-7) cannot reorder them
 
@@ -93,28 +96,6 @@ def pick_negatives(ranked: list[Candidate], positive_score: float, cfg: Negative
 # ------------------------------------------------------------------------------------------ reading the pairs
 
 
-def _file_rows(path: str, fmt: str) -> Iterator[tuple[int, Any]]:
-    """(row number from 1, parsed row or an Exception) of a local file or URI."""
-    from diffembed.files import decode_lines, json_lines, open_input
-
-    kind = fmt if fmt != "auto" else ("parquet" if path.split("?", 1)[0].endswith((".parquet", ".pq")) else "jsonl")
-    try:
-        with open_input(path) as f:
-            data = f.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(io.BytesIO(data))
-        except Exception as exc:  # not a Parquet file: one line, not pyarrow's context
-            raise ConfigError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-        yield from enumerate(table.to_pylist(), start=1)
-        return
-    yield from json_lines(decode_lines(data))
-
-
 def _problem(row: Any) -> str | None:
     """Why a row cannot be mined for, or None."""
     if isinstance(row, Exception):
@@ -129,23 +110,14 @@ def _problem(row: Any) -> str | None:
     return None
 
 
-def read_rows(cfg: MineNegativesConfig) -> tuple[list[dict[str, Any]], list[str]]:
-    """The usable rows (every field kept) and `file:row: reason` of each bad one; ConfigError when asked to fail."""
-    from diffembed.files import expand_files
-
-    rows, bad = [], []
-    for path in expand_files(cfg.input.files, "input.files", folders=False):
-        for number, row in _file_rows(path, cfg.input.format):
-            problem = _problem(row)
-            if problem is None:
-                rows.append(row)
-            elif cfg.input.bad_rows == "fail":
-                raise ConfigError(f"{path}:{number}: bad training row: {problem} (input.bad_rows=skip skips it)")
-            else:
-                bad.append(f"{path}:{number}: {problem}")
-    if not rows:
-        raise ConfigError(f"no usable training rows in {', '.join(cfg.input.files)}")
-    return rows, bad
+def mining_columns(row: Any) -> dict[str, Any]:
+    """The row check of `rowfiles.scan_rows`: the fields mining reads and the whole row as JSON (written back with
+    its negatives), or ValueError with why the row cannot be mined for."""
+    problem = _problem(row)
+    if problem is not None:
+        raise ValueError(problem)
+    return {"query": row["query"], "positive": row["positive"], "instruction": row.get("instruction") or "",
+            "row": json_column(row)}
 
 
 # ------------------------------------------------------------------------------------------ the Ray Data stages
@@ -187,27 +159,33 @@ class _Miner:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        picked, dropped, scores = [], [], []
-        for i in range(len(batch["index"])):
+        lines, counts, dropped, score_sums = [], [], [], []
+        for i in range(len(batch["query"])):
             query, positive = str(batch["query"][i]), str(batch["positive"][i])
             found, positive_key = self.candidates(batch, i)
             ranked = rank_candidates(found, positive, positive_key)
             negatives, n_dropped = pick_negatives(ranked, float(batch["positive_score"][i]), self.cfg,
                                                   row_seed(self.cfg.seed, query, positive))
-            picked.append(json.dumps([c.text for c in negatives]))
-            scores.append(json.dumps([c.score for c in negatives]))
+            # the input row, every field kept, with its mined negatives: the output file's line
+            lines.append(json_column({**json.loads(str(batch["row"][i])), "negatives": [c.text for c in negatives]}))
+            counts.append(len(negatives))
+            score_sums.append(sum(c.score for c in negatives))
             dropped.append(n_dropped)
-        return {"index": batch["index"], "negatives": np.array(picked, dtype=object),
-                "negative_scores": np.array(scores, dtype=object), "dropped": np.array(dropped, dtype=np.int64),
-                "positive_score": batch["positive_score"]}
+        return {"line": np.array(lines, dtype=object), "negatives": np.array(counts, dtype=np.int64),
+                "negative_score_sum": np.array(score_sums, dtype=np.float64),
+                "dropped": np.array(dropped, dtype=np.int64), "positive_score": batch["positive_score"]}
 
 
 class ExactMiner(_Miner):
-    """Candidates: the input's distinct positives, every one scored against the query (brute force, (b, N))."""
+    """Candidates: the input's distinct positives, every one scored against the query (brute force, (b, N)).
 
-    def __init__(self, negatives: dict[str, Any], pool: np.ndarray, texts: list[str], fetch: int):
+    The pool is built here from the encoded rows' blocks (object references, in input order): the driver never
+    holds the (N, D) vectors or the texts."""
+
+    def __init__(self, negatives: dict[str, Any], encoded_blocks: list, fetch: int):
         super().__init__(negatives)
-        self.pool, self.texts, self.fetch = pool, texts, min(fetch, len(texts))
+        self.pool, self.texts = _pool(encoded_blocks)
+        self.fetch = min(fetch, len(self.texts))
         self.scores: np.ndarray | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -287,58 +265,102 @@ def check_collection(cfg: MineNegativesConfig) -> StoreConfig:
     return store_cfg
 
 
-def _table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What Ray Data carries per row: its position, the fields mining reads, and the whole row as JSON."""
-    return [{"index": i, "query": r["query"], "positive": r["positive"], "instruction": r.get("instruction") or "",
-             "row": json.dumps(r, default=str)} for i, r in enumerate(rows)]
+def _pool(blocks: list) -> tuple[np.ndarray, list[str]]:
+    """The exact candidate pool from encoded blocks (Arrow, in input order): each distinct positive text once (first
+    occurrence), with its unit vector."""
+    import ray
 
-
-def _pool(encoded) -> tuple[np.ndarray, list[str]]:
-    """The exact candidate pool: each distinct positive text once (first occurrence), with its vector."""
     vectors, texts, seen = [], [], set()
-    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-        for text, vec in zip(batch["positive"], batch["p"]):
+    for ref in blocks:
+        table = ray.get(ref)
+        p = np.concatenate([chunk.to_numpy() for chunk in table.column("p").chunks])  # (b, D)
+        for j, text in enumerate(table.column("positive").to_pylist()):
             if text not in seen:
                 seen.add(text)
-                texts.append(str(text))
-                vectors.append(np.asarray(vec, dtype=np.float32))
+                texts.append(text)
+                vectors.append(np.asarray(p[j], dtype=np.float32))
     return np.stack(vectors), texts  # (N, D), N texts
 
 
-def _write_rows(output: str, rows: list[dict[str, Any]]) -> None:
-    """JSONL, one row per line, to a local path or a URI (written whole at the end: no half file on a failure)."""
-    from diffembed.files import is_uri, resolve
+class _Output:
+    """The output JSONL written as the rows arrive, to `<output>.partial`, renamed to `output` when the job ends:
+    never a half file under the output's name; a failed run removes its partial file (a rerun starts over)."""
 
-    data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode()
-    if is_uri(output):
-        fs, inner = resolve(output)
-        with fs.open_output_stream(inner) as f:
-            f.write(data)
-        return
-    path = os.path.expanduser(output)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.partial"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    def __init__(self, output: str):
+        from diffembed.files import is_uri, resolve
+
+        self.output = output
+        if is_uri(output):
+            self.fs, inner = resolve(output)
+            self.final, self.partial = inner, f"{inner}.partial"
+            self.file = self.fs.open_output_stream(self.partial)
+        else:
+            self.fs, self.final = None, os.path.expanduser(output)
+            os.makedirs(os.path.dirname(os.path.abspath(self.final)), exist_ok=True)
+            self.partial = f"{self.final}.partial"
+            self.file = open(self.partial, "wb")
+
+    def write(self, lines: list[str]) -> None:
+        if lines:
+            self.file.write(("\n".join(lines) + "\n").encode())
+
+    def __enter__(self) -> "_Output":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.file.close()
+        if kind is None:
+            if self.fs is None:
+                os.replace(self.partial, self.final)
+            else:
+                self.fs.move(self.partial, self.final)
+        elif self.fs is None:
+            os.remove(self.partial)
+        else:
+            self.fs.delete_file(self.partial)
+
+
+@contextlib.contextmanager
+def _ordered():
+    """Ray Data keeps the rows' input order in the datasets built inside (the output file's order)."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
 
 
 def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     """Run the job on the current Ray cluster (started locally when none is); returns (and optionally writes) the
-    summary."""
+    summary.
+
+    Ray Data reads and checks the input (`rowfiles.scan_rows`; a bad row with `input.bad_rows: fail` stops the job
+    before any encoding); the rows then stream through encoding and mining and come back to the driver only to be
+    appended to the output file, in input order: the driver holds one batch of rows at a time, whatever the
+    input's size.
+    """
     import ray
     import ray.data
 
     from diffembed.batch.pipeline import actor_restarts_option
+    from diffembed.files import expand_files
 
     started = time.perf_counter()
-    rows, bad = read_rows(cfg)  # before Ray starts: bad input is one error line
+    files = expand_files(cfg.input.files, "input.files", folders=False)
     store_cfg = check_collection(cfg) if cfg.candidates.source == "store" else None
     if not ray.is_initialized():
         ray.init()
+    scanned = scan_rows(files, cfg.input.format, mining_columns, cfg.input.bad_rows,
+                        what="bad training row", hint=" (input.bad_rows=skip skips it)")
     threads = cfg.encode.torch_threads or max(1, (os.cpu_count() or 1) // cfg.encode.actors)
-    with actor_restarts_option():
-        encoded = ray.data.from_items(_table(rows)).map_batches(
+    totals = {"rows": 0, "negatives": 0, "short_rows": 0, "dropped": 0, "positive_score": 0.0, "negative_score": 0.0}
+    with actor_restarts_option(), _ordered():
+        rows = ray.data.from_arrow_refs(scanned.blocks_in_order()).map_batches(
+            _good_rows, batch_format="pyarrow", batch_size=None)
+        encoded = rows.map_batches(
             EncodePairs, fn_constructor_kwargs={"embedder": cfg.embedder.model_dump(mode="json"), "threads": threads},
             compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors), batch_size=cfg.encode.batch_size,
             **cfg.encode.ray_remote_args(), max_restarts=cfg.encode.max_restarts, batch_format="numpy",
@@ -346,9 +368,8 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
         negatives = cfg.negatives.model_dump(mode="json")
         if store_cfg is None:
             encoded = encoded.materialize()  # the pool is every positive: all rows are encoded before any is mined
-            pool, texts = _pool(encoded)
             mined = encoded.map_batches(
-                ExactMiner, fn_constructor_kwargs={"negatives": negatives, "pool": pool, "texts": texts,
+                ExactMiner, fn_constructor_kwargs={"negatives": negatives, "encoded_blocks": encoded.to_arrow_refs(),
                                                    "fetch": cfg.fetch},
                 compute=ray.data.ActorPoolStrategy(size=1), batch_size=cfg.encode.batch_size, num_cpus=0,
                 batch_format="numpy", max_restarts=0,
@@ -361,26 +382,26 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
                 compute=ray.data.ActorPoolStrategy(size=cfg.candidates.searchers if store_cfg.url else 1),
                 batch_size=cfg.encode.batch_size, num_cpus=0, batch_format="numpy", max_restarts=0,
             )
-    by_index: dict[int, tuple[list[str], list[float], int, float]] = {}
-    for batch in mined.iter_batches(batch_size=None, batch_format="numpy"):
-        for i, negs, scores, dropped, pos in zip(batch["index"], batch["negatives"], batch["negative_scores"],
-                                                 batch["dropped"], batch["positive_score"]):
-            by_index[int(i)] = (json.loads(negs), json.loads(scores), int(dropped), float(pos))
-    out = [{**row, "negatives": by_index[i][0]} for i, row in enumerate(rows)]
-    _write_rows(cfg.output, out)
+        with _Output(cfg.output) as out:
+            for batch in mined.iter_batches(batch_size=None, batch_format="numpy"):
+                out.write([str(line) for line in batch["line"]])
+                totals["rows"] += len(batch["line"])
+                totals["negatives"] += int(batch["negatives"].sum())
+                totals["short_rows"] += int((batch["negatives"] < cfg.negatives.per_query).sum())
+                totals["dropped"] += int(batch["dropped"].sum())
+                totals["positive_score"] += float(batch["positive_score"].astype(np.float64).sum())
+                totals["negative_score"] += float(batch["negative_score_sum"].sum())
 
-    counts = [len(by_index[i][0]) for i in range(len(rows))]
-    mined_scores = [s for i in range(len(rows)) for s in by_index[i][1]]
     summary = {
         "output": cfg.output,
-        "rows": len(rows),
-        "negatives": sum(counts),
-        "short_rows": sum(c < cfg.negatives.per_query for c in counts),  # fewer than per_query survived
-        "dropped_as_false_negatives": sum(by_index[i][2] for i in range(len(rows))),
-        "mean_positive_score": round(float(np.mean([by_index[i][3] for i in range(len(rows))])), 4),
-        "mean_negative_score": round(float(np.mean(mined_scores)), 4) if mined_scores else None,
-        "skipped_rows": len(bad),
-        "skipped_examples": bad[:10],
+        "rows": totals["rows"],
+        "negatives": totals["negatives"],
+        "short_rows": totals["short_rows"],  # fewer than per_query survived
+        "dropped_as_false_negatives": totals["dropped"],
+        "mean_positive_score": round(totals["positive_score"] / max(totals["rows"], 1), 4),
+        "mean_negative_score": round(totals["negative_score"] / totals["negatives"], 4) if totals["negatives"] else None,
+        "skipped_rows": scanned.bad.count,
+        "skipped_examples": scanned.bad.examples[:10],
         "candidates": cfg.candidates.source if store_cfg is None else f"store:{cfg.candidates.mode}",
         "wall_s": round(time.perf_counter() - started, 2),
     }
@@ -389,3 +410,10 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
         with open(os.path.expanduser(cfg.summary_path), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _good_rows(table):
+    """The rows `scan_rows` found good, with the columns the stages read."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.is_null(table["_reason"])).select(["query", "positive", "instruction", "row"])
