@@ -1,6 +1,6 @@
 """Where a training set lives during a run: memory of the driver and of one worker, ours vs gathering it all.
 
-Both variants read the same JSONL pairs with Ray Data on a local Ray cluster and plan one epoch of global batches
+Both variants read the same JSONL pairs in Ray tasks on a local Ray cluster and plan one epoch of global batches
 (`plan_positions`, the same plan), then one training worker (a fresh Ray worker process) walks rank 0's share of
 every step, as `train_loop_per_worker` does, without a model.
 

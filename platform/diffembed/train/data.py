@@ -80,7 +80,7 @@ def load_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -
 
 @dataclass
 class TrainingRows:
-    """The validated training rows of a run, left where Ray Data put them (`rowfiles.scan_rows`): the driver holds
+    """The validated training rows of a run, left in Ray's object store (`rowfiles.scan_rows`): the driver holds
     each row's place and source, a few bytes per row, never its text. `pairs()` fetches rows here (tests)."""
 
     scanned: ScannedRows
@@ -115,7 +115,7 @@ def take_pairs(blocks: list[Any], block: np.ndarray, offset: np.ndarray) -> list
 
 
 def scan_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> TrainingRows:
-    """Read and validate with Ray Data (parallel, any pyarrow filesystem); the rows stay in Ray's object store and
+    """Read and validate in Ray tasks (one per file, any pyarrow filesystem); the rows stay in Ray's object store and
     workers fetch the ones they train on."""
     return TrainingRows(scan_rows(files, fmt, _pair_columns(hard_negatives), bad_rows, keep=("source",)))
 

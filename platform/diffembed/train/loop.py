@@ -1,6 +1,6 @@
 """The training job's driver: build the batch plan, launch the workers with Ray Train, export, score.
 
-`train()` runs on the job's driver (a small head node at scale): it has Ray Data read and check the data, plans
+`train()` runs on the job's driver (a small head node at scale): it has Ray tasks read and check the data, plans
 every global batch over row places (the rows themselves stay in Ray's object store; each worker fetches its own),
 hands the plan to `TorchTrainer(train_loop_per_worker)` (`diffembed.train.worker`), then runs the export as a Ray
 task on a training-worker-sized slot (`diffembed.train.export.export_remote`) and, with dev files, scores the base
