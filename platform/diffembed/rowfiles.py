@@ -92,7 +92,7 @@ def collect_bad(bad_rows: list[tuple[str, str]], policy: str, what: str = "bad t
 
 @dataclass
 class ScannedRows:
-    """Checked rows left where Ray Data put them. `blocks` are object references to Arrow tables holding the
+    """Checked rows left in Ray's object store. `blocks` are object references to Arrow tables, one per file, holding the
     check's columns (bad rows are in them too, unreferenced); good row i in input order (file, row) is row
     `offset[i]` of `blocks[block[i]]`; `columns` holds the small columns the driver asked for, per good row."""
 
@@ -110,16 +110,8 @@ class ScannedRows:
         return self.block[positions], self.offset[positions]
 
     def blocks_in_order(self) -> list[Any]:
-        """The blocks holding good rows, in input order: a block holds a contiguous run of rows (a read task's
-        files, in order), so ordering the blocks orders the rows."""
-        first = {}
-        for i, b in enumerate(self.block.tolist()):
-            first.setdefault(b, i)
-        order = sorted(first, key=first.get)
-        ends = [np.flatnonzero(self.block == b) for b in order]
-        if any(len(e) != e[-1] - e[0] + 1 for e in ends):
-            raise RuntimeError("a block's rows are not contiguous in input order")
-        return [self.blocks[b] for b in order]
+        """The blocks holding good rows, in input order (one block per file, in the order the files were given)."""
+        return [self.blocks[b] for b in np.unique(self.block).tolist()]
 
 
 def take_rows(blocks: list[Any], block: np.ndarray, offset: np.ndarray, column: str) -> list[Any]:
@@ -129,9 +121,11 @@ def take_rows(blocks: list[Any], block: np.ndarray, offset: np.ndarray, column: 
 
     block, offset = np.asarray(block).ravel(), np.asarray(offset).ravel()
     values: list[Any] = [None] * len(block)
-    for b in np.unique(block):
-        where = np.flatnonzero(block == b)
-        for i, value in zip(where.tolist(), ray.get(blocks[int(b)]).column(column).take(offset[where]).to_pylist()):
+    order = np.argsort(block, kind="stable")  # the rows grouped by block
+    cuts = np.flatnonzero(np.diff(block[order])) + 1
+    for where in np.split(order, cuts) if len(order) else []:
+        taken = ray.get(blocks[int(block[where[0]])]).column(column).take(offset[where]).to_pylist()
+        for i, value in zip(where.tolist(), taken):
             values[i] = value
     return values
 
