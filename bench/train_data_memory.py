@@ -4,9 +4,10 @@ Both variants read the same JSONL pairs in Ray tasks on a local Ray cluster and 
 (`plan_positions`, the same plan), then one training worker (a fresh Ray worker process) walks rank 0's share of
 every step, as `train_loop_per_worker` does, without a model.
 
-  gathered  (baseline; the job before ca3b1b4) every pair is fetched to the driver, the plan becomes row dicts
-            (`plan_batches`), `ray.put` once; each worker `ray.get`s the whole plan and slices its rows.
-  places    (ours, `loop.build_plan`) the rows stay in Ray's object store as Arrow blocks (`scan_pairs`); the
+  gathered  (baseline: what the job did before ca3b1b4) every pair is fetched to the driver (`read_pairs`), the
+            plan becomes row dicts (`plan_batches`), `ray.put` once; each worker `ray.get`s the whole plan and
+            slices its rows.
+  places    (ours, `loop.build_plan`) the rows stay in Ray's object store as Arrow tables (`scan_pairs`); the
             driver plans over (block, offset) places; the worker fetches its rows a window at a time
             (`StepRows`).
 
