@@ -186,3 +186,90 @@ def test_compiled_inference_equals_eager():
     with torch.enable_grad():
         compiled.pooled(batch).sum().backward()  # the eager module: gradients reach the shared weights
     assert any(p.grad is not None for p in compiled.model.parameters())
+
+
+def awkward_texts(seed: int, n: int = 40) -> list[str]:
+    """Long texts whose prefix cuts fall among what tokenizers treat specially: runs of spaces, newlines after
+    punctuation, tabs, accents, CJK without spaces, very long words, digits, emoji."""
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["the", "retrieval", "Modèle", "naïve", "e.g.", "end.\n\n", "x\t\ty", "  spaced", "1234567",
+              "東京大学の研究", "🙂🙂", "a" * 300, "don't", "(paren)", "—dash—", "\r\nline", "ÅNGSTRÖM", "über"]
+    return [" ".join(rng.choice(pieces) for _ in range(rng.randint(200, 1500))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("family", ["dream", "llada", "qwen2", "llama", "mistral", "bert"])
+def test_first_windows_tokenize_a_prefix_with_the_whole_texts_tokens(model_path, family, monkeypatch):
+    """A `first` window reads a long text's first tokens from a prefix only (`Embedder.first_tokens`); its ids,
+    token and character spans and vectors are those of the whole text's tokenization, and a window cut short
+    still shows as one."""
+    import dataclasses
+
+    from diffembed.models import embedder as embedder_module
+
+    emb = Embedder(EmbedderConfig(model=model_path(family), max_length=48))
+    texts = awkward_texts(0) + ["short text"] + ["word " * 2000]
+    need = emb.content_budget
+    full_ids, full_offsets = emb.tokenize(texts)
+    # Prefixes of about `ratio` characters per token of the window: at the small ratios a prefix has barely more
+    # tokens than the window, and its last word (cut before "\n\n", inside a run of spaces...) is within reach.
+    shipped = embedder_module.FIRST_WINDOW_CHARS_PER_TOKEN
+    for ratio in sorted({2, 3, 4, shipped, 12}):
+        monkeypatch.setattr(embedder_module, "FIRST_WINDOW_CHARS_PER_TOKEN", ratio)
+        ids, offsets = emb.first_tokens(texts, need)
+        for i in range(len(texts)):
+            assert ids[i][:need] == full_ids[i][:need], (family, ratio, i)
+            assert offsets[i][:need] == full_offsets[i][:need], (family, ratio, i)
+            assert (len(ids[i]) > need) == (len(full_ids[i]) > need), (family, ratio, i)
+        # at the shipped ratio a plain long text is read from a prefix (an awkward one may need the whole text)
+        assert ratio != shipped or len(ids[-1]) < len(full_ids[-1])
+    monkeypatch.setattr(embedder_module, "FIRST_WINDOW_CHARS_PER_TOKEN", shipped)
+    segments = emb.document_segments(texts, windows="first")
+    vectors = emb.encode_documents(texts)
+    monkeypatch.setattr(embedder_module, "FIRST_WINDOW_CHARS_PER_TOKEN", 10**9)  # every text tokenized whole
+    whole = emb.document_segments(texts, windows="first")
+    assert [dataclasses.replace(s, text_tokens=0) for s in segments] == [
+        dataclasses.replace(s, text_tokens=0) for s in whole]
+    assert all((s.token_span[1] < s.text_tokens) == (w.token_span[1] < w.text_tokens)
+               for s, w in zip(segments, whole))  # cut short, or not, alike
+    np.testing.assert_array_equal(vectors, emb.encode_documents(texts))
+
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+
+
+def test_first_tokens_never_trust_the_prefixs_last_word(model_path, monkeypatch):
+    """With a real-style byte-level BPE (Qwen2's split, merges such as "!!!\n\n"), a prefix's last word can tokenize
+    differently from the whole text ("!!" "!" alone), even within the window when the prefix has barely more tokens
+    than it; `first_tokens` must notice (character offsets) and still give the whole text's first tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from diffembed.models import embedder as embedder_module
+
+    corpus = [f"Item {i} ends here....\n\nNext item {i}?!:\n  indented words follow!!!\n\n" for i in range(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus + ["?!:\n" * 50, ".....\n\n" * 3, "!!!!\n"], trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    emb = Embedder(EmbedderConfig(model=model_path("qwen2")))
+    emb.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    texts = ["".join(corpus[i:i + 12]) for i in range(0, 120, 7)] + ["x " + "wait... ok!? fine:: done!!!!! " * 40]
+    full, full_offsets = emb.tokenize(texts)
+    fooled = 0  # cases where a prefix with more tokens than the window still differs within it
+    for need in range(8, 64):
+        for ratio in (1.5, 2, 3, 4):
+            monkeypatch.setattr(embedder_module, "FIRST_WINDOW_CHARS_PER_TOKEN", ratio)
+            got, got_offsets = emb.first_tokens(texts, need)
+            for i, text in enumerate(texts):
+                assert got[i][:need] == full[i][:need], (need, ratio, i)
+                assert got_offsets[i][:need] == full_offsets[i][:need], (need, ratio, i)
+                at = max(text.rfind(c, 0, int(need * ratio)) for c in " \n\t\r")
+                prefix, _ = emb.tokenize([text[: len(text[:at].rstrip())]]) if at > 0 else ([[]], None)
+                fooled += len(prefix[0]) > need and prefix[0][:need] != full[i][:need]
+    assert fooled  # the check is needed: without it, some of these windows would be wrong

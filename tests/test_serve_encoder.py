@@ -49,3 +49,19 @@ def test_info_names_vocab_and_instruction(encoder):
     info = encoder.info()
     assert info["vocab_size"] == len(encoder.embedder.tokenizer) > 1000
     assert info["query_instruction"] == "Find the passage"
+
+
+def test_a_too_long_first_window_document_names_its_whole_length():
+    """Without truncate, a `first`-policy document longer than max_length is refused with its real token count,
+    although its window was tokenized from a prefix of the text (`Embedder.first_tokens`)."""
+    from diffembed.serving.encoder import InputTooLong
+
+    encoder = EncoderImpl({**EMBEDDER, "documents": {"windows": "first", "prefix": "passage: "}})
+    text = " ".join(f"Line {i} of a long report on glaciers and their retreat." for i in range(400))
+    window = encoder.embedder.document_segments([text], windows="first")[0]
+    around = len(window.ids) - (window.token_span[1] - window.token_span[0])  # specials and the policy's prefix
+    whole = around + len(encoder.embedder.tokenize([text], offsets=False)[0][0])  # ... + every content token
+    assert window.text_tokens < whole - around  # the window read a prefix of the text only
+    with pytest.raises(InputTooLong, match=rf"input\[0\] has {whole} tokens, more than max_length=32"):
+        encoder.embed_unbatched([text], kind="document", truncate=False)
+    assert encoder.embed_unbatched([text], kind="document", truncate=True).vectors.shape[0] == 1

@@ -36,6 +36,10 @@ PREFETCH_BATCHES = 4  # collated batches the CPU side prepares ahead of the devi
 FIRST_SLICE, MAX_SLICE = 64, 2048  # texts tokenised per pipeline step: small first (the device starts early), then
 # doubling up to MAX_SLICE
 BUCKET_RATIO = 1.1  # windows wait for a batch among windows within 10 % of their length: little padding
+# A `first` window reads a text's first tokens only: a text longer than this many characters per token of the
+# window is tokenized from a prefix (`Embedder.first_tokens`), not whole.
+FIRST_WINDOW_CHARS_PER_TOKEN = 6
+_WHITESPACE = (" ", "\n", "\t", "\r")
 
 
 @dataclass
@@ -302,8 +306,53 @@ class Embedder:
     def _document_segments(self, texts: Sequence[str], titles: Sequence[str | None], windows: Windows | None,
                            spans: bool, first_source: int = 0) -> list[Segment]:
         policy = self.config.documents
-        ids, offsets = self.tokenize([policy.join(t, ti) for t, ti in zip(texts, titles)], offsets=spans)
+        joined = [policy.join(t, ti) for t, ti in zip(texts, titles)]
+        if (windows or policy.windows) == "first":
+            ids, offsets = self.first_tokens(joined, self.content_budget, offsets=spans)
+        else:
+            ids, offsets = self.tokenize(joined, offsets=spans)
         return self._windows(ids, offsets, titles, windows, first_source)
+
+    def first_tokens(self, texts: list[str], need: int, offsets: bool = True
+                     ) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+        """`tokenize`, for callers that read at most the first `need` tokens of each text: those come out the same,
+        and a long text is tokenized from a prefix only (a 50k-token document read for a 4k window costs 4k).
+
+        The prefix ends before a run of whitespace at most `need` x FIRST_WINDOW_CHARS_PER_TOKEN characters in.
+        Tokenizers split words at whitespace, so only the prefix's last word (what follows its last whitespace) can
+        tokenize differently from the whole text ("wait..." alone, "wait...\n\n" as one token in the whole): the
+        prefix is used when its `need`-th token ends before that last word (character offsets tell), and the whole
+        text is tokenized otherwise. Then a text has more tokens than `need` (`Segment.text_tokens`
+        counts the prefix's: a window cut short still shows as one), and its first `need` ids and offsets are the
+        whole text's."""
+        limit = int(need * FIRST_WINDOW_CHARS_PER_TOKEN)
+        cuts = {}  # text -> where its prefix ends: before a run of whitespace (the prefix ends in a word)
+        for i, text in enumerate(texts):
+            if len(text) > limit and (at := max(text.rfind(c, 0, limit) for c in _WHITESPACE)) > 0:
+                if end := len(text[:at].rstrip()):
+                    cuts[i] = end
+        if not cuts:
+            return self.tokenize(texts, offsets=offsets)
+        ids: list[Any] = [None] * len(texts)
+        offs: list[Any] | None = [None] * len(texts) if offsets else None
+        prefix_ids, prefix_offs = self.tokenize([texts[i][:at] for i, at in cuts.items()], offsets=True)
+        whole = [i for i in range(len(texts)) if i not in cuts]
+        for (i, at), tok, off in zip(cuts.items(), prefix_ids, prefix_offs):
+            last_word = max(texts[i].rfind(c, 0, at) for c in _WHITESPACE)  # the prefix's last word starts after it
+            if len(tok) > need and off[need - 1][1] <= last_word:
+                ids[i] = tok
+                if offs is not None:
+                    offs[i] = off
+            else:
+                whole.append(i)
+        if whole:
+            whole.sort()
+            whole_ids, whole_offs = self.tokenize([texts[i] for i in whole], offsets=offsets)
+            for k, i in enumerate(whole):
+                ids[i] = whole_ids[k]
+                if offs is not None:
+                    offs[i] = whole_offs[k]
+        return ids, offs
 
     def _windows(self, ids: list[list[int]], offsets: list[list[tuple[int, int]]] | None,
                  titles: Sequence[str | None], windows: Windows | None, first_source: int) -> list[Segment]:

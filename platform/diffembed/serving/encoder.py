@@ -243,8 +243,11 @@ class EncoderImpl:
                         "separately (documents.windows: best); send truncate=true for its first window"
                     )
                 if (kind == "query" or policy == "first") and segments[0].token_span[1] < segments[0].text_tokens:
-                    total = segments[0].text_tokens + len(segments[0].ids) - (
-                        segments[0].token_span[1] - segments[0].token_span[0])
+                    content = segments[0].text_tokens
+                    if kind == "document" and isinstance(inputs[i], str):  # a `first` window tokenized a prefix of
+                        # a long text only (`Embedder.first_tokens`): count the whole text for the message
+                        content = len(emb.tokenize([emb.config.documents.join(inputs[i], None)], offsets=False)[0][0])
+                    total = content + len(segments[0].ids) - (segments[0].token_span[1] - segments[0].token_span[0])
                     raise InputTooLong(
                         f"input[{i}] has {total} tokens, more than max_length={emb.config.max_length}; "
                         "shorten it or send truncate=true"
