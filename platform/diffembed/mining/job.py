@@ -1,7 +1,7 @@
 """Training pairs in, the same rows with mined hard negatives out (`negatives`, as the train job's
 `data.hard_negatives` reads them).
 
-Before any encoding, Ray Data reads and checks the pairs (`rowfiles.scan_rows`: every bad row named `file:row`; with
+Before any encoding, Ray tasks read and check the pairs (`rowfiles.scan_rows`: every bad row named `file:row`; with
 `input.bad_rows: fail` the first one stops the job), and with `candidates.source: store` the driver checks the
 collection (it exists, holds text, was embedded by this embedder). The rows then stream through an encoder actor
 pool (one model load per actor, as the batch job's) that embeds each row's query and positive, and a mining stage
@@ -337,7 +337,7 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     """Run the job on the current Ray cluster (started locally when none is); returns (and optionally writes) the
     summary.
 
-    Ray Data reads and checks the input (`rowfiles.scan_rows`; a bad row with `input.bad_rows: fail` stops the job
+    Ray tasks read and check the input (`rowfiles.scan_rows`; a bad row with `input.bad_rows: fail` stops the job
     before any encoding); the rows then stream through encoding and mining and come back to the driver only to be
     appended to the output file, in input order: the driver holds one batch of rows at a time, whatever the
     input's size.
