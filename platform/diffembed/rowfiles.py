@@ -137,52 +137,42 @@ def scan_rows(files: list[str], fmt: str, check: RowCheck, bad_rows: str, keep: 
     lineage reconstruction (the file is read again).
 
     Files are read whole so every bad row keeps its file and row number. A table holds the check's columns (a bad
-    row's are null) and the scan's own, `_file`, `_row`, `_where`, `_reason` (null for a good row) and `_fatal`.
+    row's are null) and `_reason`, why the row is bad (null for a good row).
     """
     import ray
 
     scan = ray.remote(num_cpus=1)(_scan_file).options(num_returns=2)
-    refs = [scan.remote(path, index, fmt, check, keep) for index, path in enumerate(files)]
+    refs = [scan.remote(path, fmt, check, keep) for path in files]
     blocks = [table for table, _ in refs]
-    places = ray.get([place for _, place in refs])
-    fatal = [reason for p in places for reason in p[4]]
+    places = ray.get([place for _, place in refs])  # one per file, in the order given: rows come in input order
+    fatal = [reason for p in places for reason in p[3]]
     if fatal:
         raise ConfigError(fatal[0])
-    keys = np.concatenate([p[0] for p in places])  # (N, 2): file, row
     block = np.concatenate([np.full(len(p[0]), i, np.int32) for i, p in enumerate(places)])
-    offset = np.concatenate([p[1] for p in places])
-    bad = collect_bad([(where, reason) for _, where, reason in sorted(b for p in places for b in p[3])], bad_rows,
-                      what, hint)  # in input order
-    if not len(keys):
+    offset = np.concatenate([p[0] for p in places])
+    bad = collect_bad([b for p in places for b in p[2]], bad_rows, what, hint)
+    if not len(block):
         raise ConfigError(f"no usable training rows in {', '.join(files)}")
-    order = np.lexsort((keys[:, 1], keys[:, 0]))
-    columns = {name: [v for p in places for v in p[2][name]] for name in keep}
-    return ScannedRows(blocks=blocks, block=block[order], offset=offset[order],
-                       columns={name: [values[i] for i in order.tolist()] for name, values in columns.items()},
-                       bad=bad)
+    return ScannedRows(blocks=blocks, block=block, offset=offset,
+                       columns={name: [v for p in places for v in p[1][name]] for name in keep}, bad=bad)
 
 
-def _scan_file(path: str, index: int, fmt: str, check: RowCheck, keep: tuple[str, ...]):
+def _scan_file(path: str, fmt: str, check: RowCheck, keep: tuple[str, ...]):
     """One file's rows as an Arrow table (stays in the object store) and its places (to the driver): the good rows'
-    (file, row) keys (n, 2), offsets in the table and `keep` columns; the bad rows as ((file, row), where, reason);
-    the reason the file is unreadable, if it is."""
+    offsets in the table and `keep` columns, the bad rows as (where, reason), the reason the file is unreadable
+    if it is; all in row order."""
     import pyarrow as pa
 
-    empty = (np.zeros((0, 2), np.int64), np.zeros(0, np.int64), {k: [] for k in keep}, [])
     try:
         items = list(checked(path, file_rows(path, fmt), check))
     except ConfigError as exc:  # the whole file is unreadable: fatal, whatever `bad_rows` says
-        return pa.table({}), (*empty, [str(exc)])
-    rows = [{"_file": index, "_row": int(w.rpartition(":")[2]), "_where": w,
-             **({"_reason": None, **item} if isinstance(item, dict) else {"_reason": item})} for w, item in items]
+        return pa.table({}), (np.zeros(0, np.int64), {k: [] for k in keep}, [], [str(exc)])
+    rows = [{"_reason": None, **item} if isinstance(item, dict) else {"_reason": item} for _, item in items]
     names = list(dict.fromkeys(name for row in rows for name in row))  # every row's columns, nulls where missing
     table = pa.table({name: [row.get(name) for row in rows] for name in names}) if rows else pa.table({})
-    good = np.array([row["_reason"] is None for row in rows], dtype=bool)
-    offsets = np.flatnonzero(good)
-    keys = np.array([[index, row["_row"]] for row in rows], dtype=np.int64).reshape(-1, 2)
-    bad = [((index, rows[i]["_row"]), rows[i]["_where"], rows[i]["_reason"]) for i in np.flatnonzero(~good).tolist()]
-    columns = {k: [rows[i][k] for i in offsets.tolist()] for k in keep}
-    return table, (keys[offsets], offsets, columns, bad, [])
+    offsets = np.flatnonzero([row["_reason"] is None for row in rows]).astype(np.int64)
+    bad = [(where, item) for where, item in items if not isinstance(item, dict)]
+    return table, (offsets, {k: [rows[i][k] for i in offsets.tolist()] for k in keep}, bad, [])
 
 
 def json_column(value: Any) -> str:
