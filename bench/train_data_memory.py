@@ -103,26 +103,29 @@ def worker_walk(config: dict, variant: str, per_worker: int) -> dict:
     return {"worker_mib": rss.growth_mib, "worker_s": time.perf_counter() - started, "steps": steps, "chars": texts}
 
 
-def run_variant(variant: str, files: list[str], global_batch: int, workers: int) -> dict:
+def run_variant(variant: str, files: list[str], global_batch: int, workers: int, steps: int) -> dict:
     import pyarrow  # noqa: F401
     import ray
     import ray.data  # noqa: F401
 
-    from diffembed.train.data import plan_batches, plan_positions, read_pairs, scan_pairs
+    from diffembed.train.config import TrainConfig
+    from diffembed.train.data import plan_batches, read_pairs
+    from diffembed.train.loop import build_plan
 
+    cfg = TrainConfig.from_dict({
+        "data": {"train_files": files, "format": "jsonl", "hard_negatives": 1, "bad_rows": "skip",
+                 "same_source_batches": False, "shuffle_seed": 0},
+        "optim": {"global_batch_size": global_batch, "max_steps": steps}, "run": {"num_workers": workers}})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     started = time.perf_counter()
     with PeakRSS() as rss:
         if variant == "gathered":
             pairs, _ = read_pairs(files, "jsonl", 1, "skip")
-            plan = plan_batches(pairs, global_batch, len(pairs) // global_batch, False, 0)
+            plan = plan_batches(pairs, global_batch, steps, False, 0)
             ref = ray.put(plan)
             del pairs, plan
         else:
-            rows = scan_pairs(files, "jsonl", 1, "skip")
-            positions = plan_positions(rows.sources, global_batch, len(rows) // global_batch, False, 0)
-            block, offset = rows.locate(positions)
-            ref = ray.put({"blocks": rows.blocks, "block": block, "offset": offset})
+            ref = ray.put(build_plan(cfg))  # what train() hands the workers
     result = {"driver_mib": rss.growth_mib, "driver_s": time.perf_counter() - started}
     walk = ray.remote(num_cpus=1, max_calls=1)(worker_walk)  # a fresh worker process, as Ray Train starts one
     result.update(ray.get(walk.remote({"plan": ref}, variant, global_batch // workers)))
@@ -140,7 +143,8 @@ def main() -> None:
     parser.add_argument("--files", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.files, args.global_batch, args.workers)))
+        print(json.dumps(run_variant(args.variant, args.files, args.global_batch, args.workers,
+                                     args.pairs // args.global_batch)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +156,7 @@ def main() -> None:
         for variant in VARIANTS:
             out = subprocess.run(
                 [sys.executable, __file__, "--variant", variant, "--global-batch", str(args.global_batch),
-                 "--workers", str(args.workers), "--files", *files],
+                 "--workers", str(args.workers), "--pairs", str(args.pairs), "--files", *files],
                 capture_output=True, text=True,
             )
             if out.returncode:

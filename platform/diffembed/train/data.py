@@ -19,7 +19,6 @@ from diffembed.config import ConfigError
 from diffembed.rowfiles import BadRows, ScannedRows, checked, collect_bad, file_rows, scan_rows, take_rows
 
 
-
 @dataclass
 class Pair:
     query: str
@@ -78,52 +77,22 @@ def load_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -
     return pairs, found
 
 
-@dataclass
-class TrainingRows:
-    """The validated training rows of a run, left in Ray's object store (`rowfiles.scan_rows`): the driver holds
-    each row's place and source, a few bytes per row, never its text. `pairs()` fetches rows here (tests)."""
-
-    scanned: ScannedRows
-
-    @property
-    def blocks(self) -> list[Any]:
-        return self.scanned.blocks
-
-    @property
-    def sources(self) -> list[str]:
-        return self.scanned.columns["source"]
-
-    @property
-    def bad(self) -> BadRows:
-        return self.scanned.bad
-
-    def __len__(self) -> int:
-        return len(self.scanned)
-
-    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.scanned.locate(positions)
-
-    def pairs(self, positions: np.ndarray | None = None) -> list[Pair]:
-        """The rows at `positions` (all by default) as Pairs, fetched here: small sets and tests only."""
-        positions = np.arange(len(self)) if positions is None else np.asarray(positions)
-        return [Pair(**row) for row in take_pairs(self.blocks, *self.locate(positions))]
-
-
 def take_pairs(blocks: list[Any], block: np.ndarray, offset: np.ndarray) -> list[dict[str, Any]]:
     """Rows `offset[i]` of `blocks[block[i]]` as Pair dicts, in that order."""
     return [json.loads(text) for text in take_rows(blocks, block, offset, "pair")]
 
 
-def scan_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> TrainingRows:
+def scan_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> ScannedRows:
     """Read and validate in Ray tasks (one per file, any pyarrow filesystem); the rows stay in Ray's object store and
-    workers fetch the ones they train on."""
-    return TrainingRows(scan_rows(files, fmt, _pair_columns(hard_negatives), bad_rows, keep=("source",)))
+    workers fetch the ones they train on (`StepRows`): the driver holds each row's place and its
+    `columns["source"]`, never its text."""
+    return scan_rows(files, fmt, _pair_columns(hard_negatives), bad_rows, keep=("source",))
 
 
 def read_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> tuple[list[Pair], BadRows]:
     """`scan_pairs`, every row then fetched to this process as a Pair (small sets and tests)."""
     rows = scan_pairs(files, fmt, hard_negatives, bad_rows)
-    return rows.pairs(), rows.bad
+    return [Pair(**row) for row in take_pairs(rows.blocks, rows.block, rows.offset)], rows.bad
 
 
 def plan_positions(
@@ -163,7 +132,7 @@ def plan_batches(
 
 
 class StepRows:
-    """A worker's rows of every step, fetched from the blocks of `TrainingRows` a window of steps at a time.
+    """A worker's rows of every step, fetched from the blocks of `scan_pairs` a window of steps at a time.
 
     `block` and `offset` are the plan's (steps, global_batch) places; rank r of W takes columns
     [r*b, (r+1)*b). A window holds about `window_rows` rows, so a worker never holds more of the set than that.

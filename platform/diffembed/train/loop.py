@@ -37,7 +37,7 @@ def build_plan(cfg: TrainConfig) -> dict[str, Any]:
     if rows.bad.count:
         print(f"skipped {rows.bad.count} bad training rows, e.g. {rows.bad.examples[0]}")
     positions = plan_positions(
-        rows.sources, cfg.optim.global_batch_size, cfg.optim.max_steps, cfg.data.same_source_batches,
+        rows.columns["source"], cfg.optim.global_batch_size, cfg.optim.max_steps, cfg.data.same_source_batches,
         cfg.data.shuffle_seed,
     )  # (steps, global_batch) row numbers in input order
     block, offset = rows.locate(positions)
