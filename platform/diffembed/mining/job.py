@@ -289,7 +289,6 @@ class _Output:
     def __init__(self, output: str):
         from diffembed.files import is_uri, resolve
 
-        self.output = output
         if is_uri(output):
             self.fs, inner = resolve(output)
             self.final, self.partial = inner, f"{inner}.partial"
