@@ -341,7 +341,7 @@ def test_folder_of_text_files(ray_cluster, tmp_path):
 def test_byte_ranges_own_every_line_once_local_and_file_uri(tmp_path, uri):
     """Ranges of a few hundred bytes (lines straddle their ends) yield every line exactly once, in order, and a
     byte offset resolves to its line number; the same through a pyarrow `file://` URI."""
-    from diffembed.batch.reading import iter_range_lines, line_number, plan_ranges
+    from diffembed.files import iter_range_lines, line_number, plan_ranges
 
     path = tmp_path / "c.jsonl"
     lines = [json.dumps({"id": i, "text": "word " * (i % 13)}) + "\n" for i in range(120)]

@@ -127,6 +127,60 @@ def test_ray_data_reader_matches_the_local_one(ray_cluster, tmp_path):
             reader([a, str(broken)], "auto", 1, "skip")
 
 
+def test_rows_holding_unicode_line_separators_are_one_row(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 raw (`ensure_ascii=False` writes them so); a line is cut
+    at "\\n" only, so such a row is one good row, not three malformed ones."""
+    row = {"query": "q\u2028one", "positive": "p\u2029two\x85three\x0bfour", "negatives": ["n\x1cfive"]}
+    path = tmp_path / "web.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\r\n" + json.dumps(row) + "\n", encoding="utf-8")
+    pairs, bad = load_pairs([str(path)], "auto", 1, "fail")
+    assert bad.count == 0 and [(p.query, p.positive, p.negatives) for p in pairs] == [
+        (row["query"], row["positive"], row["negatives"])] * 2
+
+
+def pair_lines(n: int, bad_every: int = 0) -> list[str]:
+    """JSONL lines of pairs of varied length (some longer than a small shard), blank lines, a CRLF line, a U+2028
+    inside a string, and a malformed line every `bad_every` rows."""
+    lines = []
+    for i in range(n):
+        if bad_every and i % bad_every == bad_every - 1:
+            lines.append("{not json" if i % 2 else json.dumps({"query": "", "positive": "p"}))
+            continue
+        lines.append(json.dumps({"query": f"q{i}" + " word" * (i % 23), "positive": f"p{i}\u2028" + "x" * (i * 7 % 300),
+                                 "negatives": [f"n{i}"], "source": "ab"[i % 2]}, ensure_ascii=False)
+                     + ("\r" if i % 11 == 0 else ""))
+        if i % 9 == 0:
+            lines.append("")
+    return lines
+
+
+@pytest.mark.parametrize("shard_bytes", [41, 97, 1000, 1 << 30])
+def test_sharded_scan_equals_the_local_read(ray_cluster, tmp_path, shard_bytes):
+    """A file cut into shards (JSONL byte ranges that end mid-line; Parquet row-group runs) is read by several
+    tasks: the same rows in the same order, and every bad row named by its line / row number in the file, as the
+    in-process reader names it."""
+    from diffembed.rowfiles import plan_shards
+    from diffembed.train.data import read_pairs
+
+    a = write(tmp_path / "a.jsonl", pair_lines(60, bad_every=7))
+    b = write(tmp_path / "b.jsonl", pair_lines(9, bad_every=4))
+    rows = [json.loads(line) for line in pair_lines(40) if line]
+    for i in (5, 17, 33):
+        rows[i] = {**rows[i], "positive": ""}
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet", row_group_size=6)
+    files = [a, str(tmp_path / "c.parquet"), b]
+    shards = plan_shards(files, "auto", shard_bytes)
+    assert len(shards) == 3 if shard_bytes == 1 << 30 else len(shards) >= 10
+    assert sorted({s["path"] for s in shards}, key=files.index) == files
+    local, local_bad = load_pairs(files, "auto", 1, "skip")
+    pairs, bad = read_pairs(files, "auto", 1, "skip", shard_bytes=shard_bytes)
+    assert pairs == local and len(pairs) == 52 + 37 + 7  # every good row once, in input order
+    assert bad.count == local_bad.count == 8 + 3 + 2 and bad.examples == local_bad.examples
+    assert f"{tmp_path / 'c.parquet'}:34: missing or empty 'positive'" in bad.examples
+    with pytest.raises(ConfigError, match=rf"^{a}:8: bad training row: "):
+        read_pairs(files, "auto", 1, "fail", shard_bytes=shard_bytes)
+
+
 def test_workers_fetch_the_rows_the_plan_names(ray_cluster, tmp_path):
     """The driver plans over row places only; each rank's `StepRows` (as a Ray Train worker runs it, in another
     process) fetches exactly its slice of the plan the in-process reader gives, from several blocks, across

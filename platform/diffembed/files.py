@@ -222,6 +222,49 @@ def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
             yield number, ValueError(f"malformed JSON line ({exc.msg})")
 
 
-def decode_lines(data: bytes) -> list[str]:
-    """A file's bytes as text lines (undecodable bytes replaced, so the bad line is still reported by number)."""
-    return data.decode("utf-8", errors="replace").splitlines()
+def utf8_lines(raw_lines: Iterable[bytes]) -> Iterator[str]:
+    """Byte lines (split at b"\\n" only) as text, undecodable bytes replaced, so a bad line is still reported by
+    number. Not `str.splitlines`: it also breaks at U+2028, U+0085 and others, which JSON strings may hold raw."""
+    for raw in raw_lines:
+        yield raw.decode("utf-8", errors="replace")
+
+
+def plan_ranges(files: list[str], block_bytes: int) -> list[dict[str, Any]]:
+    """Byte ranges of at most `block_bytes` over every file, in file order (an empty file: no range)."""
+    ranges = []
+    for index, path in enumerate(files):
+        size = file_size(path)
+        for start in range(0, size, block_bytes):
+            ranges.append({"path": path, "file": index, "start": start, "end": min(start + block_bytes, size)})
+    return ranges
+
+
+def iter_range_lines(path: str, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line bytes) of the lines that start in [start, end): every line of a file belongs to exactly
+    one of its ranges, whatever their size."""
+    with open_input(path) as f:
+        pos = start
+        if start > 0:  # the line running into this range belongs to the previous one
+            f.seek(start - 1)
+            pos = start - 1 + len(f.readline())
+        else:
+            f.seek(0)
+        while pos < end:
+            line = f.readline()
+            if not line:
+                return
+            yield pos, line
+            pos += len(line)
+
+
+def line_number(path: str, offset: int) -> int:
+    """The 1-based number of the line starting at byte `offset` (counted only when a report needs it)."""
+    count, done = 1, 0
+    with open_input(path) as f:
+        while done < offset:
+            chunk = f.read(min(1 << 20, offset - done))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            done += len(chunk)
+    return count

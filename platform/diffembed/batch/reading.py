@@ -21,7 +21,8 @@ from typing import Any
 
 from diffembed.batch.config import InputConfig
 from diffembed.config import ConfigError
-from diffembed.files import GLOB_CHARS, expand_files, file_size, is_dir, json_lines, list_files, open_input
+from diffembed.files import (GLOB_CHARS, expand_files, file_size, is_dir, iter_range_lines, json_lines, line_number,
+                             list_files, open_input, plan_ranges)
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -212,46 +213,6 @@ def position(unit_format: str, files: dict[int, str] | list[str], order: int) ->
     if unit_format == "parquet":
         return f"{path}:row {offset + 1}"
     return path
-
-
-def plan_ranges(files: list[str], block_bytes: int) -> list[dict[str, Any]]:
-    """Byte ranges of at most `block_bytes` over every file, in file order (an empty file: no range)."""
-    ranges = []
-    for index, path in enumerate(files):
-        size = file_size(path)
-        for start in range(0, size, block_bytes):
-            ranges.append({"path": path, "file": index, "start": start, "end": min(start + block_bytes, size)})
-    return ranges
-
-
-def line_number(path: str, offset: int) -> int:
-    """The 1-based number of the line starting at byte `offset` (counted only when a report needs it)."""
-    count, done = 1, 0
-    with open_input(path) as f:
-        while done < offset:
-            chunk = f.read(min(1 << 20, offset - done))
-            if not chunk:
-                break
-            count += chunk.count(b"\n")
-            done += len(chunk)
-    return count
-
-
-def iter_range_lines(path: str, start: int, end: int):
-    """(byte offset, line bytes) of the lines that start in [start, end)."""
-    with open_input(path) as f:
-        pos = start
-        if start > 0:  # the line running into this range belongs to the previous one
-            f.seek(start - 1)
-            pos = start - 1 + len(f.readline())
-        else:
-            f.seek(0)
-        while pos < end:
-            line = f.readline()
-            if not line:
-                return
-            yield pos, line
-            pos += len(line)
 
 
 def _range_rows(item: dict[str, Any], cfg: InputConfig):

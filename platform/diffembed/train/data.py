@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from diffembed.config import ConfigError
-from diffembed.rowfiles import BadRows, ScannedRows, checked, collect_bad, file_rows, scan_rows, take_rows
+from diffembed.rowfiles import (SHARD_BYTES, BadRows, ScannedRows, checked, collect_bad, file_rows, scan_rows,
+                                take_rows)
 
 
 @dataclass
@@ -82,16 +83,18 @@ def take_pairs(blocks: list[Any], block: np.ndarray, offset: np.ndarray) -> list
     return [json.loads(text) for text in take_rows(blocks, block, offset, "pair")]
 
 
-def scan_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> ScannedRows:
-    """Read and validate in Ray tasks (one per file, any pyarrow filesystem); the rows stay in Ray's object store and
-    workers fetch the ones they train on (`StepRows`): the driver holds each row's place and its
-    `columns["source"]`, never its text."""
-    return scan_rows(files, fmt, _pair_columns(hard_negatives), bad_rows, keep=("source",))
+def scan_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str,
+               shard_bytes: int = SHARD_BYTES) -> ScannedRows:
+    """Read and validate in Ray tasks (one per shard of about `shard_bytes`, any pyarrow filesystem); the rows stay
+    in Ray's object store and workers fetch the ones they train on (`StepRows`): the driver holds each row's place
+    and its `columns["source"]`, never its text."""
+    return scan_rows(files, fmt, _pair_columns(hard_negatives), bad_rows, keep=("source",), shard_bytes=shard_bytes)
 
 
-def read_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str) -> tuple[list[Pair], BadRows]:
+def read_pairs(files: list[str], fmt: str, hard_negatives: int, bad_rows: str,
+               shard_bytes: int = SHARD_BYTES) -> tuple[list[Pair], BadRows]:
     """`scan_pairs`, every row then fetched to this process as a Pair (small sets and tests)."""
-    rows = scan_pairs(files, fmt, hard_negatives, bad_rows)
+    rows = scan_pairs(files, fmt, hard_negatives, bad_rows, shard_bytes)
     return [Pair(**row) for row in take_pairs(rows.blocks, rows.block, rows.offset)], rows.bad
 
 
