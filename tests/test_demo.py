@@ -21,21 +21,28 @@ def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def hits_of(result: subprocess.CompletedProcess[str], query: str) -> list[str]:
+    lines = result.stdout.splitlines()
+    start = lines.index(f"query: {query}")
+    return [m.group(1) for line in lines[start + 1 :] if (m := HIT.match(line))]
+
+
 @pytest.mark.slow
 def test_demo_finds_gzip_for_a_gzip_query(tmp_path):
     result = run_demo("--limit", "300", "--workdir", str(tmp_path), "compress a file with gzip")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert re.match(r"^300 documents \(\d+ stdlib modules\) encoded in ", lines[0]), lines[0]
-    start = lines.index("query: compress a file with gzip")
-    hits = [m.group(1) for line in lines[start + 1 :] if (m := HIT.match(line))]
+    hits = hits_of(result, "compress a file with gzip")
     assert len(hits) == 3, result.stdout  # default --top-k
     assert any(hit == "gzip" or hit.startswith("gzip.") for hit in hits), result.stdout
     assert "300 embedded now" in lines[0]
     assert any(line.startswith("Ray Serve application up at http://127.0.0.1:") for line in lines)  # hits over HTTP
     assert not alarming(result), alarming(result)
-    again = run_demo("--limit", "300", "--workdir", str(tmp_path), "compress a file with gzip")
-    assert again.returncode == 0 and "0 embedded now" in again.stdout.splitlines()[0]  # idempotent rerun
+    # idempotent rerun (Serve was checked above: this one queries the store in-process)
+    again = run_demo("--limit", "300", "--workdir", str(tmp_path), "--no-serve", "compress a file with gzip")
+    assert again.returncode == 0 and "0 embedded now" in again.stdout.splitlines()[0], again.stdout
+    assert hits_of(again, "compress a file with gzip") == hits
     assert not alarming(again), alarming(again)
 
 

@@ -55,6 +55,12 @@ def config(tmp_path: Path, corpus: Path, store_path: Path, *overrides: str) -> E
     )
 
 
+def ray_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def all_points(store_path: Path, collection: str = "docs") -> dict[str, dict]:
     """Every point of an Edge collection: id -> {payload, vector: {name: dense list | (indices, values)}}."""
     # a killed job's store actor may take a moment to go away: wait for the store rather than fail
@@ -142,7 +148,9 @@ def test_killed_single_file_run_keeps_its_progress_and_the_rerun_equals_a_clean_
     store = tmp_path / "qdrant"
     args = [sys.executable, str(ROOT / "jobs" / "embed_corpus.py"), "--config", str(ROOT / "jobs/configs/embed_cpu.yaml"),
             f"input.paths=[{path}]", f"store.path={store}", *overrides]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # the driver joins this session's Ray instance, as a job does on a running cluster: its death takes its actors,
+    # not the cluster, and the rerun starts on the same cluster
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ray_address()}
     err = open(tmp_path / "killed.err", "w")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True)
     real = sum(1 for d in docs if d["text"].strip())

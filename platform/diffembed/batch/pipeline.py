@@ -328,8 +328,8 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
     from diffembed.index.store import open_store
 
     started = time.perf_counter()
+    units = plan_units(cfg.input)  # validates inputs and columns before anything is written (or torch imported)
     dim = model_dimension(cfg.embedder)
-    units = plan_units(cfg.input)  # validates inputs and columns before anything is written
     fingerprint = embedding_fingerprint(cfg.embedder, dim, cfg.store.distance, cfg.store.sparse)
     if not ray.is_initialized():
         ray.init()
