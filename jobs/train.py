@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
             from diffembed.train.checkpoints import latest_checkpoint
 
             latest_checkpoint(args.resume)  # a local run directory or a URI (file://, s3://)
+        from diffembed.train.loop import train
+
+        metrics = train(cfg, resume=args.resume)  # bad rows, a taken run directory: ConfigError too
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from diffembed.train.loop import train
-
-    metrics = train(cfg, resume=args.resume)
     print(json.dumps(metrics, indent=2, default=str))
     return 0
 

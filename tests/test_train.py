@@ -159,6 +159,62 @@ def test_bad_config_fails_before_ray(overrides, needle):
     assert "ray" not in proc.stdout.lower()
 
 
+def test_a_run_directory_holds_one_run(tmp_path, tiny_checkpoints):
+    """Ray Train continues whatever run it finds under `<storage_path>/<name>`: the same config (a driver that died,
+    run again) continues; another config is refused instead of silently continuing the old run (its data, its
+    steps: with the old run finished, nothing would be trained and the old model exported again)."""
+    from diffembed.config import ConfigError
+    from diffembed.train import rundir
+
+    first = tiny_config(tmp_path, tiny_checkpoints)
+    assert rundir.claim(first) is False and (first.run_dir / rundir.RECORD).is_file()
+    other = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=99", "data.shuffle_seed=3")
+    assert rundir.claim(other) is False  # no checkpoint yet (the first attempt failed early): a new run
+    (first.run_dir / "checkpoint_2026-01-01_00-00-00.000000").mkdir()  # now it has one: it is `other`'s
+    assert rundir.claim(other) is True
+    assert rundir.claim(tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=99", "data.shuffle_seed=3",
+                                    "run.max_failures=7", "run.log_every=1")) is True  # how, not what: the same run
+    with pytest.raises(ConfigError, match=r"already holds run 'train-tiny' with another config \(differs in: "
+                                          r"data.shuffle_seed, optim.max_steps\); .*--resume "):
+        rundir.claim(first)
+    with pytest.raises(ConfigError, match=r"differs in: --resume\)"):
+        rundir.claim(other, resume=str(tmp_path / "elsewhere"))
+    stranger = tiny_config(tmp_path, tiny_checkpoints, "run.name=by-hand")
+    (stranger.run_dir / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=f"no {rundir.RECORD}"):
+        rundir.claim(stranger)
+
+
+TRAIN_MAIN = None
+
+
+def train_main(argv: list[str]) -> int:
+    """jobs/train.py's main() in this process (the session's Ray instance is the cluster it runs on)."""
+    import runpy
+
+    global TRAIN_MAIN
+    TRAIN_MAIN = TRAIN_MAIN or runpy.run_path(str(ROOT / "jobs" / "train.py"))["main"]
+    return TRAIN_MAIN(argv)
+
+
+def test_train_cli_data_and_run_directory_errors_are_one_line(ray_cluster, capsys, tmp_path, tiny_checkpoints):
+    """A bad row (found by the Ray tasks that read the data) and a run directory that holds another run: exit 2
+    and one `error:` line each, never a traceback; the second before any Ray work."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"query": "q", "positive": "p", "negatives": ["n"]}) + "\n{oops\n")
+    common = ["--config", str(TINY), f"embedder.model={tiny_checkpoints['dream']}", f"run.storage_path={tmp_path}"]
+    assert train_main([*common, f"data.train_files=[{bad}]", "data.bad_rows=fail"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {bad}:2: bad training row: malformed JSON line "
+                   "(Expecting property name enclosed in double quotes)"], err
+    (tmp_path / "train-tiny" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)  # another run's
+    assert train_main([*common, "optim.max_steps=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'train-tiny'} already holds run 'train-tiny' "
+                                               "with another config (differs in: data.bad_rows, data.train_files, "
+                                               "optim.max_steps)"), err
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 

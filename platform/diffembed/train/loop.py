@@ -13,7 +13,7 @@ import contextlib
 import os
 from typing import Any
 
-from diffembed.train import storage
+from diffembed.train import rundir, storage
 from diffembed.train.checkpoints import latest_checkpoint
 from diffembed.train.config import TrainConfig
 from diffembed.train.deepspeed import check_zero_options
@@ -54,7 +54,9 @@ def scaling_config(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
-    """Run the training job on the current Ray cluster; returns final metrics and the export path."""
+    """Run the training job on the current Ray cluster; returns final metrics and the export path. A run directory
+    that holds this very run (a driver that died, run again unchanged) is continued from its latest checkpoint;
+    one that holds another run is a ConfigError (`rundir.claim`)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -63,6 +65,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
 
     cfg.check_files()
     check_zero_options(cfg)
+    if rundir.claim(cfg, resume):
+        print(f"continuing run {cfg.run_uri}: this config started it (Ray Train restores its latest checkpoint)")
     if not ray.is_initialized():
         ray.init()
     plan = build_plan(cfg)
