@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffembed import ConfigError, Embedder, EmbedderConfig
+from diffembed import ConfigError, Embedder
 from diffembed.batch.config import EmbedCorpusConfig
 from diffembed.batch.pipeline import embed_corpus
 from diffembed.index.config import StoreConfig
