@@ -175,7 +175,8 @@ def test_a_run_directory_holds_one_run(tmp_path, tiny_checkpoints):
     assert rundir.claim(tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=99", "data.shuffle_seed=3",
                                     "run.max_failures=7", "run.log_every=1")) is True  # how, not what: the same run
     with pytest.raises(ConfigError, match=r"already holds run 'train-tiny' with another config \(differs in: "
-                                          r"data.shuffle_seed, optim.max_steps\); .*--resume "):
+                                          r"data.shuffle_seed, optim.max_steps\); rerun it unchanged to continue it, or give this run "
+                                          r"another run.name \(with --resume .*/train-tiny to start from"):
         rundir.claim(first)
     with pytest.raises(ConfigError, match=r"differs in: --resume\)"):
         rundir.claim(other, resume=str(tmp_path / "elsewhere"))

@@ -68,12 +68,12 @@ def claim(cfg: TrainConfig, resume: str | None = None) -> bool:
             differ.append("--resume")
         raise ConfigError(
             f"{uri} already holds run {cfg.run.name!r} with another config (differs in: {', '.join(differ[:6])}"
-            f"{', ...' if len(differ) > 6 else ''}); rerun it unchanged to continue it, set run.name for a new run, "
-            f"or start a new one from its checkpoint with --resume {uri}")
+            f"{', ...' if len(differ) > 6 else ''}); rerun it unchanged to continue it, or give this run another "
+            f"run.name (with --resume {uri} to start from its latest checkpoint)")
     if started:
         raise ConfigError(
-            f"{uri} already holds a Ray Train run with no {RECORD} (not started by this job); set run.name for a "
-            f"new run, or start one from its checkpoint with --resume {uri}")
+            f"{uri} already holds a Ray Train run with no {RECORD} (not started by this job); give this run "
+            f"another run.name (with --resume {uri} to start from its latest checkpoint)")
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(record) as f:
         f.write(json.dumps(mine, indent=1, sort_keys=True).encode())
