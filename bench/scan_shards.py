@@ -10,7 +10,7 @@ Both variants run `train.data.scan_pairs` on the same single JSONL file of pairs
 
 Each variant runs in its own process with its own Ray cluster. Memory is the peak private resident memory
 (resident minus shared pages: Ray's object store, where the finished tables go, is not counted) of the busiest
-Ray worker process of that cluster, sampled every 10 ms; time is the wall time of `scan_pairs`.
+Ray worker process of that cluster, sampled every 5 ms; time is the wall time of `scan_pairs`.
 
     python bench/scan_shards.py [--pairs 200000] [--doc-words 150] [--cpus 2] [--shard-mib 64]
 """
@@ -23,33 +23,23 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_data_memory import write_pairs  # noqa: E402
+from train_data_memory import PeakRSS, write_pairs  # noqa: E402
 
 TAG = "DIFFEMBED_SCAN_BENCH"  # in the environment of this variant's driver and so of its Ray processes
 
 
-class WorkerPeak:
-    """Peak private resident bytes of any one process whose environment carries TAG=<value>, sampled on a
-    thread (the process list is refreshed every 0.2 s, memory read every 10 ms)."""
+class WorkerPeak(PeakRSS):
+    """Peak private resident bytes of any one process whose environment carries TAG=<value> (the process list is
+    refreshed every 0.2 s), sampled as `PeakRSS` samples its own."""
 
     def __init__(self, value: str):
         self.needle = f"{TAG}={value}".encode()
-        self.peak, self.pids = 0, set()
-
-    def __enter__(self):
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        self.pids: set[int] = set()
+        self.refreshed = 0.0
 
     def _refresh(self):
         me = os.getpid()
@@ -61,20 +51,20 @@ class WorkerPeak:
                             self.pids.add(int(entry))
                 except OSError:
                     pass
+        self.refreshed = time.monotonic()
 
-    def _sample(self):
-        page, last = os.sysconf("SC_PAGE_SIZE"), 0.0
-        while not self._stop.wait(0.01):
-            if time.monotonic() - last > 0.2:
-                self._refresh()
-                last = time.monotonic()
-            for pid in list(self.pids):
-                try:
-                    with open(f"/proc/{pid}/statm") as f:
-                        _, resident, shared = (int(x) for x in f.read().split()[:3])
-                    self.peak = max(self.peak, (resident - shared) * page)
-                except OSError:
-                    self.pids.discard(pid)
+    def _rss(self) -> int:
+        if time.monotonic() - self.refreshed > 0.2:
+            self._refresh()
+        peak = 0
+        for pid in list(self.pids):
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    _, resident, shared = (int(x) for x in f.read().split()[:3])
+                peak = max(peak, (resident - shared) * os.sysconf("SC_PAGE_SIZE"))
+            except OSError:
+                self.pids.discard(pid)
+        return peak
 
 
 def run_variant(variant: str, path: str, cpus: int, shard_mib: int) -> dict:

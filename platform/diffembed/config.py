@@ -67,6 +67,16 @@ def repeated(names: list[str]) -> list[str]:
     return sorted({n for n in names if names.count(n) > 1})
 
 
+def dotted(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {"a.b.c": leaf}: what two configs or records differ in, by the keys a user writes."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(dotted(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
 def one_line(exc: ValidationError) -> str:
     """Pydantic's multi-line report folded into one line: `field: message; field: message`."""
     parts = []

@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from diffembed.config import SCORING_FIELDS, EmbedderConfig
+from diffembed.config import SCORING_FIELDS, EmbedderConfig, dotted
 
 FINGERPRINT_VERSION = 1
 SPARSE_ENCODING = "bm25-idf-v1"  # diffembed.index.sparse: stemmed terms, MurmurHash3 ids, TF part of BM25
@@ -53,15 +53,6 @@ def embedding_fingerprint(embedder: EmbedderConfig, dim: int, distance: str, spa
     }
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): value}
-
-
 # The model's name is informational: the same weights under another path (another machine) are the same model;
 # how window scores aggregate is a search setting.
 IGNORED = {"model.name", *(f"function.documents.{key}" for key in SCORING_FIELDS)}
@@ -69,7 +60,7 @@ IGNORED = {"model.name", *(f"function.documents.{key}" for key in SCORING_FIELDS
 
 def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """`key (stored X, now Y)` for every field that differs, in a stable order."""
-    a, b = _flatten(stored), _flatten(wanted)
+    a, b = dotted(stored), dotted(wanted)
     out = []
     for key in sorted(set(a) | set(b)):
         if key in IGNORED or a.get(key) == b.get(key):

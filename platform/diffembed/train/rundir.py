@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from diffembed.config import ConfigError
+from diffembed.config import ConfigError, dotted
 from diffembed.train import storage
 from diffembed.train.checkpoints import CHECKPOINT_PREFIX
 from diffembed.train.config import TrainConfig
@@ -26,18 +26,9 @@ OPERATIONAL = {"run.name", "run.storage_path", "run.max_failures", "run.report_p
                "run.log_every", "run.fail_at_step", "run.export_dir"}
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flat(item, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: value}
-
-
 def identity(cfg: TrainConfig, resume: str | None) -> dict[str, Any]:
     """What makes a run this run: its config (dotted keys) but the operational fields, and where it started from."""
-    fields = {k: v for k, v in _flat(cfg.model_dump(mode="json")).items() if k not in OPERATIONAL}
+    fields = {k: v for k, v in dotted(cfg.model_dump(mode="json")).items() if k not in OPERATIONAL}
     return {"config": fields, "resume": storage.normalize(resume) if resume else None}
 
 
