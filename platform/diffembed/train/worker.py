@@ -109,10 +109,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from diffembed.train.data import StepRows
 
-    import os as _os
-    def _T(tag):
-        open("/tmp/wtimes.log","a").write(f"{time.time():.2f} pid{_os.getpid()} {tag}\n")
-    _T("start")
     cfg = TrainConfig.model_validate(config["cfg"])
     dev = ray.get(config["dev"]) if config.get("dev") is not None else []
     ctx = ray.train.get_context()
@@ -124,13 +120,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # compile is an inference setting: a compiled module would wrap the model object as built here, while the dev
     # evaluation below must run the one DeepSpeed trains (`embedder.model` is replaced; ZeRO-3 partitions it).
     embedder = Embedder(cfg.embedder.model_copy(update={"device": str(device), "compile": False}))
-    _T("embedder")
     loss_fn = make_loss(cfg, embedder.dimension, cfg.loss.gather_across_workers and world > 1)
     model = build_trainable(embedder, cfg)
     engine = make_backend(cfg, model, device, world)
     embedder.model = engine.model  # the Embedder's forward now runs through DeepSpeed / DDP
 
-    _T("engine")
     start_step, attempt, history = 0, 0, []
     # A restart after a failure resumes from this run's latest checkpoint; `--resume` from an earlier run's.
     checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
@@ -146,7 +140,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step_rows = StepRows(plan["blocks"], plan["block"], plan["offset"], rank, b)
     chunk = cfg.loss.grad_cache_chunk_size
 
-    _T("loop")
     for step in range(start_step, cfg.optim.max_steps):
         if cfg.run.fail_at_step is not None and step == cfg.run.fail_at_step and attempt == 0 and rank == 0:
             raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
@@ -183,10 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save = step_no % cfg.run.checkpoint_every == 0 or step_no == cfg.optim.max_steps
         if save or step_no % cfg.run.log_every == 0:
             probe = _probe(embedder, engine) if step_no == cfg.optim.max_steps else None
-            _T(f"report{step_no}")
             checkpoints.report(engine, {**metrics, "backend": engine.name}, save, attempt, rank, probe, history)
-            _T(f"reported{step_no}")
-    _T("end")
 
 
 def _evaluate(embedder, engine, dev) -> dict[str, float]:
