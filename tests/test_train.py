@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -186,16 +187,7 @@ def test_a_run_directory_holds_one_run(tmp_path, tiny_checkpoints):
         rundir.claim(stranger)
 
 
-TRAIN_MAIN = None
-
-
-def train_main(argv: list[str]) -> int:
-    """jobs/train.py's main() in this process (the session's Ray instance is the cluster it runs on)."""
-    import runpy
-
-    global TRAIN_MAIN
-    TRAIN_MAIN = TRAIN_MAIN or runpy.run_path(str(ROOT / "jobs" / "train.py"))["main"]
-    return TRAIN_MAIN(argv)
+TRAIN_MAIN = runpy.run_path(str(ROOT / "jobs" / "train.py"))["main"]  # in this process: on the session's Ray
 
 
 def test_train_cli_data_and_run_directory_errors_are_one_line(ray_cluster, capsys, tmp_path, tiny_checkpoints):
@@ -204,12 +196,12 @@ def test_train_cli_data_and_run_directory_errors_are_one_line(ray_cluster, capsy
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"query": "q", "positive": "p", "negatives": ["n"]}) + "\n{oops\n")
     common = ["--config", str(TINY), f"embedder.model={tiny_checkpoints['dream']}", f"run.storage_path={tmp_path}"]
-    assert train_main([*common, f"data.train_files=[{bad}]", "data.bad_rows=fail"]) == 2
+    assert TRAIN_MAIN([*common, f"data.train_files=[{bad}]", "data.bad_rows=fail"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {bad}:2: bad training row: malformed JSON line "
                    "(Expecting property name enclosed in double quotes)"], err
     (tmp_path / "train-tiny" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)  # another run's
-    assert train_main([*common, "optim.max_steps=3"]) == 2
+    assert TRAIN_MAIN([*common, "optim.max_steps=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'train-tiny'} already holds run 'train-tiny' "
                                                "with another config (differs in: data.bad_rows, data.train_files, "

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from diffembed.config import ConfigError
-from diffembed.files import file_size, iter_range_lines, json_lines, open_input, utf8_lines
+from diffembed.files import iter_range_lines, json_lines, open_input, plan_ranges, utf8_lines
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,8 @@ def plan_shards(files: list[str], fmt: str, shard_bytes: int = SHARD_BYTES) -> l
 
 def _file_shards(path: str, fmt: str, shard_bytes: int) -> list[dict[str, Any]]:
     if file_kind(path, fmt) == "jsonl":
-        size = file_size(path)
-        return [{"path": path, "kind": "jsonl", "start": start, "end": min(start + shard_bytes, size)}
-                for start in range(0, size, shard_bytes)]
+        return [{"path": path, "kind": "jsonl", "start": r["start"], "end": r["end"]}
+                for r in plan_ranges([path], shard_bytes)]
     try:
         with open_input(path) as f:
             meta = _parquet_file(f, path).metadata
