@@ -7,6 +7,7 @@ Ray sessions on the machine (this test run's own, parallel runs) are never touch
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -49,10 +50,16 @@ def submit(head_node, tmp_path, *entrypoint: str, env_vars: dict[str, str] | Non
 
 
 def test_ray_job_submit_tiny_training(head_node, tmp_path):
-    submit(head_node, tmp_path, "jobs/train.py", "--config", "jobs/configs/train_tiny.yaml",
-           f"run.storage_path={tmp_path / 'runs'}", "optim.max_steps=4", "run.checkpoint_every=2")
+    proc = submit(head_node, tmp_path, "jobs/train.py", "--config", "jobs/configs/train_tiny.yaml",
+                  f"run.storage_path={tmp_path / 'runs'}", "optim.max_steps=5", "run.checkpoint_every=2",
+                  "run.log_every=2")
     export = tmp_path / "runs" / "train-tiny" / "export"
     assert (export / "model.safetensors").is_file() and (export / "diffembed.json").is_file()
+    # The job's console (what `ray job logs` shows) gets rank 0's progress line every run.log_every steps and at
+    # the last one: step of max_steps, loss, rates, elapsed and time left.
+    progress = re.findall(r"step (\d+)/5  loss \d+\.\d{4}  lr \S+  [\d.]+ samples/s  \d+ tokens/s  "
+                          r"elapsed \d+m\d\ds  left ~\d+m\d\ds", proc.stdout)
+    assert progress == ["2", "4", "5"], proc.stdout[-3000:]
 
 
 def test_ray_job_submit_evaluation(head_node, tmp_path):

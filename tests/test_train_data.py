@@ -214,3 +214,15 @@ def test_workers_fetch_the_rows_the_plan_names(ray_cluster, tmp_path):
         for start in (0, 7):
             got = ray.get(fetch.remote(ref, rank, start))
             assert got == [batch[rank * 4 : (rank + 1) * 4] for batch in expected[start:]], (rank, start)
+
+
+def test_progress_line_counts_time_left_from_this_attempts_rate():
+    from diffembed.train.worker import progress_line
+
+    metrics = {"step": 30, "loss": 0.51234, "lr": 4.5e-05, "samples_per_s": 12.34, "tokens_per_s": 5678.9}
+    # resumed at step 20: 10 steps in 50 s, 70 to go -> 350 s
+    line = progress_line(metrics, 100, 10, 50.0)
+    assert line == ("step 30/100  loss 0.5123  lr 4.5e-05  12.3 samples/s  5679 tokens/s  elapsed 0m50s  "
+                    "left ~5m50s")
+    long = progress_line({**metrics, "dev_ndcg@10": 0.61234, "dev_mrr@10": 0.5}, 10_000, 30, 3 * 3600.0)
+    assert long.endswith("elapsed 3h00m  left ~997h00m  dev nDCG@10 0.6123")

@@ -33,9 +33,7 @@ def build_plan(cfg: TrainConfig) -> dict[str, Any]:
     from diffembed.train.data import plan_positions, scan_pairs
 
     files = expand_files(cfg.data.train_files, "data.train_files")
-    rows = scan_pairs(files, cfg.data.format, cfg.data.hard_negatives, cfg.data.bad_rows)
-    if rows.bad.count:
-        print(f"skipped {rows.bad.count} bad training rows, e.g. {rows.bad.examples[0]}")
+    rows = scan_pairs(files, cfg.data.format, cfg.data.hard_negatives, cfg.data.bad_rows)  # logs what it skipped
     positions = plan_positions(
         rows.columns["source"], cfg.optim.global_batch_size, cfg.optim.max_steps, cfg.data.same_source_batches,
         cfg.data.shuffle_seed,

@@ -50,24 +50,33 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     _, world = _world()
     if world == 1:
         return t
-    from torch.distributed.nn.functional import all_gather  # differentiable, unlike dist.all_gather
-
-    parts = all_gather(t.contiguous())  # world × (n, ...)
-    return _ContiguousGrad.apply(torch.cat(parts, dim=0))  # (world * n, ...)
+    return _GatherRows.apply(t)  # (world * n, ...)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous. The all-gather's backward on gloo (an
-    all-to-all built from scatters) sends each gradient slice's memory as if it were contiguous: a strided one
-    (MaxSim's einsum backward gives (C, K, D) gradients with permuted strides) arrives scrambled."""
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 with a backward: each rank's slice of the sum, over ranks, of the gradients of the
+    gathered rows. (torch.distributed.nn.functional.all_gather does the same but is deprecated since torch 2.13,
+    and its gloo backward sent strided gradients scrambled.) The backward is an all-reduce, not a reduce-scatter,
+    which gloo lacks: these are embeddings (global batch x D), not parameter gradients."""
 
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:
-        return t.view_as(t)
+        rank, world = _world()
+        t = t.contiguous()
+        out = t.new_empty((world * t.shape[0], *t.shape[1:]))  # (world * n, ...)
+        _all_gather_into(out, t)
+        ctx.rows = slice(rank * t.shape[0], (rank + 1) * t.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()  # row slices of a contiguous gradient (the cat's backward) stay contiguous
+        total = grad.contiguous().clone()  # (world * n, ...), reduced in place
+        dist.all_reduce(total)
+        return total[ctx.rows]
+
+
+# the non-deprecated name where this torch has it (2.13+), the older one before
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _check_equal_sizes(b: int, n: int, device: torch.device) -> None:

@@ -140,6 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step_rows = StepRows(plan["blocks"], plan["block"], plan["offset"], rank, b)
     chunk = cfg.loss.grad_cache_chunk_size
 
+    attempt_started = time.monotonic()
     for step in range(start_step, cfg.optim.max_steps):
         if cfg.run.fail_at_step is not None and step == cfg.run.fail_at_step and attempt == 0 and rank == 0:
             raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
@@ -174,9 +175,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append({k: v for k, v in metrics.items() if k in ("step", "loss", "lr", "samples_per_s")
                         or k.startswith("dev_")} | {"time": round(time.time(), 3)})
         save = step_no % cfg.run.checkpoint_every == 0 or step_no == cfg.optim.max_steps
+        if rank == 0 and (step_no % cfg.run.log_every == 0 or step_no == cfg.optim.max_steps):
+            # logged, not printed: Ray Train's print patch writes a worker's print twice to the job's console
+            log.info(progress_line(metrics, cfg.optim.max_steps, step_no - start_step,
+                                   time.monotonic() - attempt_started))
         if save or step_no % cfg.run.log_every == 0:
             probe = _probe(embedder, engine) if step_no == cfg.optim.max_steps else None
             checkpoints.report(engine, {**metrics, "backend": engine.name}, save, attempt, rank, probe, history)
+
+
+def progress_line(metrics: dict[str, Any], max_steps: int, steps_done: int, seconds: float) -> str:
+    """The job's console line for a step (rank 0, every `run.log_every` steps): where the run is, the loss, the
+    step's own rate and the time left at this attempt's mean rate so far (checkpoints and dev evaluation included)."""
+    step = metrics["step"]
+    left = (max_steps - step) * seconds / max(steps_done, 1)
+    dev = f"  dev nDCG@10 {metrics['dev_ndcg@10']:.4f}" if "dev_ndcg@10" in metrics else ""
+    return (f"step {step}/{max_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  "
+            f"{metrics['samples_per_s']:.1f} samples/s  {metrics['tokens_per_s']:.0f} tokens/s  "
+            f"elapsed {_duration(seconds)}  left ~{_duration(left)}{dev}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def _evaluate(embedder, engine, dev) -> dict[str, float]:
