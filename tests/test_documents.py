@@ -195,3 +195,39 @@ def test_batch_job_equals_evaluation_equals_served(windows, ray_cluster, tmp_pat
             encoder.embed_unbatched([joined[1]], kind="document", truncate=False)
         first = encoder.embed_unbatched([joined[1]], kind="document", truncate=True)
         np.testing.assert_allclose(first.vectors[0], stored["long"][0], atol=1e-5)
+
+
+def test_batch_job_and_beir_evaluation_read_a_document_alike(ray_cluster, tmp_path, model_path):
+    """Surrounding whitespace, a blank title and a title-only document: the batch job and the BEIR reader take a
+    row's text and title by one rule (`documents.document_fields`), so a byte-level BPE model, for which
+    whitespace is tokens, stores on one path the vectors the other evaluates."""
+    from diffembed.batch.config import EmbedCorpusConfig
+    from diffembed.batch.pipeline import embed_corpus
+    from diffembed.eval.beir import load_beir
+    from diffembed.eval.runner import stored_vectors
+    from test_embed_corpus import all_points
+
+    docs = [
+        {"_id": "padded", "title": "  Harbour \n", "text": "\n  The harbour is calm at night.  \n"},
+        {"_id": "title-only", "title": "Glaciers of the north", "text": "   "},
+        {"_id": "blank-title", "title": "   ", "text": "A document whose title is blank."},
+    ]
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q", "text": "calm harbour"}) + "\n")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq\tpadded\t1\n")
+    embedder_cfg = {"model": model_path("qwen2"), "max_length": 32}
+    embed_corpus(EmbedCorpusConfig.from_dict({
+        "embedder": embedder_cfg, "input": {"paths": [str(beir / "corpus.jsonl")], "id_column": "_id",
+                                            "title_column": "title"},
+        "encode": {"actors": 1, "batch_size": 2}, "store": {"path": str(tmp_path / "q"), "collection": "docs"}}),
+        progress=False)
+    stored = {p["payload"]["doc_id"]: np.asarray(p["vector"]["dense"]) for p in all_points(tmp_path / "q").values()}
+
+    ids, evaluated = stored_vectors(Embedder(EmbedderConfig.model_validate(embedder_cfg)), load_beir(beir, "test"))
+    assert sorted(stored) == sorted(ids) == ["blank-title", "padded", "title-only"]  # the title-only one too
+    for i, doc_id in enumerate(ids):
+        (vector,) = evaluated.vectors[evaluated.text_index == i]
+        np.testing.assert_allclose(stored[doc_id] / np.linalg.norm(stored[doc_id]), vector / np.linalg.norm(vector),
+                                   atol=1e-5)

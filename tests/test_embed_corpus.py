@@ -38,7 +38,7 @@ def make_corpus(path: Path, n_docs: int = 24, seed: int = 0) -> list[dict]:
         )
         docs.append({"id": f"doc-{i}", "text": text, "title": f"Title {i}"})
     docs[5]["text"] += " The zyxovian lantern glowed."  # a rare exact term for hybrid search
-    docs.append({"id": "empty-1", "text": "   ", "title": "nothing"})  # counted as skipped, never dropped
+    docs.append({"id": "empty-1", "text": "   ", "title": " "})  # nothing to embed: counted as skipped, never dropped
     path.write_text("".join(json.dumps(d) + "\n" for d in docs))
     return docs
 
@@ -233,7 +233,7 @@ LONG = " ".join(f"The harbour bridge was painted on day {j} of the long summer."
 @pytest.mark.parametrize("name, lines, needle", [
     ("mid", [row("a", "hello there"), row("b", "fine"), "{broken", row("c", "more")], r"mid.jsonl:3: malformed JSON"),
     ("nontext", [row("a", "hello"), json.dumps({"id": "b", "text": 7, "title": "t"})], r"nontext.jsonl:2: non-text"),
-    ("empty", [row("a", "hello"), row("b", "  ")], r"empty.jsonl:2: empty text"),
+    ("empty", [row("a", "hello"), row("b", "  ", title=" ")], r"empty.jsonl:2: empty text"),  # no title either
     ("notobject", [row("a", "hello"), "[1, 2]"], r"notobject.jsonl:2: not a JSON object"),
 ])
 def test_bad_rows_fail_stops_before_writing_with_file_and_line(ray_cluster, capsys, tmp_path, name, lines, needle):
@@ -246,7 +246,8 @@ def test_bad_rows_fail_stops_before_writing_with_file_and_line(ray_cluster, caps
 
 def test_bad_rows_skip_counts_and_names_them(ray_cluster, capsys, tmp_path):
     path = write_lines(tmp_path / "mixed.jsonl", [
-        row("a", "hello there"), "{broken", json.dumps({"id": "n", "text": None}), row("e", ""), row("b", "fine")])
+        row("a", "hello there"), "{broken", json.dumps({"id": "n", "text": None}), row("e", "", title=None),
+        row("b", "fine")])
     code, summary, _, err = job(capsys, f"input.paths=[{path}]", f"store.path={tmp_path / 'q'}")
     assert code == 0 and summary["documents_embedded"] == 2 and summary["skipped_rows"] == 3
     assert [e.split(": ")[0] for e in summary["skipped_examples"]] == [f"{path}:{n}" for n in (2, 3, 4)]

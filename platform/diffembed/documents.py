@@ -199,3 +199,14 @@ def titles_or_none(titles: Sequence[str | None] | None, n: int) -> list[str | No
         if title is not None and not isinstance(title, str):
             raise ValueError(f"titles[{i}] must be a string or null, got {type(title).__name__}")
     return titles
+
+
+def document_fields(text: str, title: str | None) -> tuple[str, str | None]:
+    """A document's (text, title) as every path that reads documents from files takes them (the batch job, BEIR
+    evaluation, MTEB): both without surrounding whitespace (a byte-level BPE tokenizer would embed it), a title
+    that is blank is none, and a document with a title but no text is its title, as BEIR and MTEB treat one.
+    ("", None) is a document with nothing to embed."""
+    text, title = text.strip(), (title or "").strip()
+    if not text:
+        return title, None
+    return text, title or None

@@ -21,6 +21,7 @@ from typing import Any
 
 from diffembed.batch.config import InputConfig
 from diffembed.config import ConfigError
+from diffembed.documents import document_fields
 from diffembed.files import (GLOB_CHARS, expand_files, file_size, is_dir, iter_range_lines, json_lines, line_number,
                              list_files, open_input, plan_ranges)
 
@@ -99,21 +100,27 @@ ORDER_BITS = 40  # a row's position: file index << 40 | byte offset (JSONL), row
 def normalize(row: dict[str, Any], cfg: InputConfig, where: str, order: int = 0, weight: int = 1,
               skip: str = "") -> dict[str, Any]:
     """One document row; `weight` is its share of the input (bytes, or 1 row) for the progress ETA."""
-    text = row.get(cfg.text_column)
-    if skip:
-        text = ""
-    elif not isinstance(text, str):
-        skip, text = f"non-text {cfg.text_column!r} ({type(text).__name__})", ""
-    elif not text.strip():
-        skip = "empty text"
-    raw_id = row.get(cfg.id_column) if cfg.id_column else None
-    doc_id = str(raw_id) if raw_id not in (None, "") else content_id(text)
+    raw = row.get(cfg.text_column)
     title = row.get(cfg.title_column) if cfg.title_column else None
+    title = title if isinstance(title, str) else None
+    text = ""
+    if skip:
+        title = None
+    elif not isinstance(raw, str):
+        skip, title = f"non-text {cfg.text_column!r} ({type(raw).__name__})", None
+    else:
+        text, title = document_fields(raw, title)  # the one rule: stripped; a title-only row is its title
+        if not text:
+            skip = "empty text"
+    raw_id = row.get(cfg.id_column) if cfg.id_column else None
+    # a row without an id is named by its text as given (ids of earlier runs stay), or by its title if it has none
+    doc_id = str(raw_id) if raw_id not in (None, "") else content_id(raw if isinstance(raw, str) and raw.strip()
+                                                                       else text)
     meta = {c: row.get(c) for c in cfg.metadata_columns}
     return {
         "doc_id": doc_id,
         "text": text,
-        "title": title if isinstance(title, str) else None,
+        "title": title,
         "meta": json.dumps(meta, default=str),
         "skip": skip,
         "where": where,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from diffembed.config import ConfigError
+from diffembed.documents import document_fields
 from diffembed.files import is_dir, is_file, is_uri, join, json_lines, list_files, open_input
 
 
@@ -67,9 +68,7 @@ def read_corpus(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
         doc_id, where = str(row["_id"]), f"{path}:{number}"
         if doc_id in corpus:
             raise ConfigError(f"{where}: duplicate _id {doc_id!r}")
-        title, text = _text(row, "title", where).strip(), _text(row, "text", where).strip()
-        if title and not text:  # a title-only document: its title is its text
-            title, text = "", title
+        text, title = document_fields(_text(row, "text", where), _text(row, "title", where))  # the batch job's rule
         corpus[doc_id] = text
         if title:
             titles[doc_id] = title

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import numpy as np
 
 from diffembed.config import RUNTIME_FIELDS, ConfigError, EmbedderConfig
+from diffembed.documents import document_fields
 
 if TYPE_CHECKING:
     from mteb.models.model_meta import ModelMeta
@@ -247,8 +248,7 @@ class MTEBEncoder:
         if kind is None and self._mapped(task_metadata) is not _MISSING:  # symmetric task with an instruction
             return self._encode_queries(texts, [None] * len(texts), self.task_instruction(task_metadata))
         for i, (text, title) in enumerate(zip(texts, titles)):
-            if title and not text.strip():  # a title-only document: its title is its text
-                texts[i], titles[i] = title, None
+            texts[i], titles[i] = document_fields(text, title)  # the batch job's and BEIR's rule
         return self._encode_nonempty(
             texts, lambda keep: self.embedder.encode_documents([texts[i] for i in keep], [titles[i] for i in keep])
         )
