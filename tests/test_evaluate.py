@@ -269,6 +269,21 @@ def test_fusion_config_rules():
     assert ok.retrieval.dense_weight == 0.7
 
 
+def test_the_tuning_split_shares_the_scored_splits_corpus():
+    """--tune-fusion reads the corpus once: the dev split's data holds the test split's documents, not a copy."""
+    from diffembed.eval.runner import load_tasks, load_tuning_tasks
+
+    cfg = EvalConfig.from_dict({"tasks": [{"name": "b", "kind": "beir", "path": str(SAMPLE)}],
+                                "retrieval": {"backend": "qdrant", "mode": "hybrid", "tune_fusion": True}})
+    scored = load_tasks(cfg)
+    tuning = load_tuning_tasks(cfg, scored)
+    assert tuning["b"].corpus is scored["b"].corpus and tuning["b"].titles is scored["b"].titles
+    assert tuning["b"].meta["split"] == "dev" and tuning["b"].qrels != scored["b"].qrels
+    alone = load_beir(SAMPLE, "dev")
+    assert (alone.corpus, alone.titles, alone.queries, alone.qrels) == (
+        tuning["b"].corpus, tuning["b"].titles, tuning["b"].queries, tuning["b"].qrels)
+
+
 def test_cli_tune_fusion_end_to_end(ray_cluster, tmp_path, capsys):
     """--tune-fusion on the sample (4 judged dev queries): the dev grid is reported, the best setting is stored with the
     collection, the test split is scored with it, and a later hybrid search there uses it by default."""

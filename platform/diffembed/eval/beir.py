@@ -130,9 +130,10 @@ def read_qrels(path: str | Path, queries: dict[str, str], corpus: dict[str, str]
     return qrels
 
 
-def load_beir(path: str | Path, split: str = "test", name: str | None = None,
-              max_queries: int | None = None) -> RetrievalData:
-    """Read a BEIR-layout dataset; only queries with a relevant document in `split` are kept."""
+def load_beir(path: str | Path, split: str = "test", name: str | None = None, max_queries: int | None = None,
+              corpus: tuple[dict[str, str], dict[str, str]] | None = None) -> RetrievalData:
+    """Read a BEIR-layout dataset; only queries with a relevant document in `split` are kept. `corpus`: the
+    folder's (texts, titles) from an earlier `load_beir` of another split, shared instead of read again."""
     root = str(path) if is_uri(str(path)) else str(Path(path).expanduser())
     if not is_dir(root):
         raise ConfigError(f"BEIR dataset folder not found: {root}")
@@ -141,7 +142,7 @@ def load_beir(path: str | Path, split: str = "test", name: str | None = None,
         splits = available_splits(root)
         have = ", ".join(splits) if splits else f"none: {join(root, 'qrels')} holds no .tsv files"
         raise ConfigError(f"{root}: no split {split!r} (available: {have})")
-    corpus, titles = read_corpus(join(root, "corpus.jsonl"))
+    corpus, titles = corpus or read_corpus(join(root, "corpus.jsonl"))
     queries = read_queries(join(root, "queries.jsonl"))
     qrels = read_qrels(qrels_path, queries, corpus)
     judged = [q for q in queries if any(grade > 0 for grade in qrels.get(q, {}).values())]

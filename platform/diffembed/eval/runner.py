@@ -50,8 +50,9 @@ def load_tasks(cfg: EvalConfig) -> dict[str, RetrievalData]:
     }
 
 
-def load_tuning_tasks(cfg: EvalConfig) -> dict[str, RetrievalData]:
-    """With `retrieval.tune_fusion`: each BEIR task's tuning split (ConfigError when a task has none)."""
+def load_tuning_tasks(cfg: EvalConfig, scored: dict[str, RetrievalData]) -> dict[str, RetrievalData]:
+    """With `retrieval.tune_fusion`: each BEIR task's tuning split (ConfigError when a task has none), sharing the
+    corpus already read for its scored split (`scored`, from `load_tasks`): one corpus in memory, read once."""
     if not cfg.retrieval.tune_fusion:
         return {}
     split = cfg.retrieval.tune_split
@@ -61,7 +62,7 @@ def load_tuning_tasks(cfg: EvalConfig) -> dict[str, RetrievalData]:
             continue
         if split == t.split:
             raise ConfigError(f"task {t.name!r}: tune_split {split!r} is the scored split; tune on another (dev)")
-        out[t.name] = load_beir(t.path, split, name=t.name)
+        out[t.name] = load_beir(t.path, split, name=t.name, corpus=(scored[t.name].corpus, scored[t.name].titles))
     return out
 
 
@@ -298,7 +299,7 @@ def run_evaluation(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """
     started = time.perf_counter()
     beir = load_tasks(cfg)  # ConfigError on bad data, before any model loads or any node is asked for
-    dev = load_tuning_tasks(cfg)
+    dev = load_tuning_tasks(cfg, beir)
     if not cfg.compute.remote:
         results = _evaluate_here(cfg, beir, progress, dev)
     else:
