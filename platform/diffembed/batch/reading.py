@@ -114,8 +114,8 @@ def normalize(row: dict[str, Any], cfg: InputConfig, where: str, order: int = 0,
             skip = "empty text"
     raw_id = row.get(cfg.id_column) if cfg.id_column else None
     # a row without an id is named by its text as given (ids of earlier runs stay), or by its title if it has none
-    doc_id = str(raw_id) if raw_id not in (None, "") else content_id(raw if isinstance(raw, str) and raw.strip()
-                                                                       else text)
+    named_by = raw if isinstance(raw, str) and raw.strip() else text
+    doc_id = str(raw_id) if raw_id not in (None, "") else content_id(named_by)
     meta = {c: row.get(c) for c in cfg.metadata_columns}
     return {
         "doc_id": doc_id,

@@ -238,7 +238,7 @@ class MTEBEncoder:
                 column = batch["text"]
             texts.extend(str(t) for t in column)
             given_titles = batch.get("title") if kind != "query" and "body" in batch else None
-            titles.extend(t if isinstance(t, str) and t.strip() else None
+            titles.extend(t if isinstance(t, str) else None  # a blank one is none: document_fields, below
                           for t in (given_titles if given_titles is not None else [None] * len(column)))
             given = batch.get("instruction") if kind == "query" else None
             row_instructions.extend(given if given is not None else [None] * len(column))
