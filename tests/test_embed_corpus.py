@@ -252,7 +252,7 @@ def test_bad_rows_skip_counts_and_names_them(ray_cluster, capsys, tmp_path):
     assert code == 0 and summary["documents_embedded"] == 2 and summary["skipped_rows"] == 3
     assert [e.split(": ")[0] for e in summary["skipped_examples"]] == [f"{path}:{n}" for n in (2, 3, 4)]
     assert err == [f"warning: 3 bad rows skipped (first: {path}:2: malformed JSON line (Expecting property name "
-                   f"enclosed in double quotes); {path}:3: non-text 'text' (NoneType); {path}:4: empty text)"]
+                   f"enclosed in double quotes); {path}:3: empty text; {path}:4: empty text)"]
 
 
 @pytest.mark.parametrize("overrides, needle", [

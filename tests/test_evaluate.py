@@ -15,7 +15,7 @@ from diffembed.eval.beir import load_beir
 from diffembed.eval.config import EvalConfig
 from diffembed.eval.metrics import evaluate
 from diffembed.eval.report import comparison_table, load_results
-from diffembed.eval.runner import exact_run, run_evaluation, search_run, store_config
+from diffembed.eval.runner import collection_name, exact_run, run_evaluation, search_run, store_config
 from diffembed.eval.synthetic import passkey_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,12 +79,40 @@ def test_beir_sample_loads_judged_queries_of_the_split():
          r"test.tsv: no query has a relevant document in split 'test'"),
     ],
 )
-def test_bad_beir_data_is_one_line_error(tmp_path, damage, message):
+@pytest.mark.parametrize("texts", [True, False], ids=["texts", "ids-only"])
+def test_bad_beir_data_is_one_line_error(tmp_path, damage, message, texts):
     root = copy_sample(tmp_path)
     damage(root)
     with pytest.raises(ConfigError, match=message) as info:
-        load_beir(root, "test")
+        load_beir(root, "test", texts=texts)
     assert "\n" not in str(info.value)
+
+
+def test_read_without_texts_holds_the_same_documents_but_no_text(tmp_path):
+    """The store backend's read: the same retrievable documents, judged queries and size, no texts; the batch
+    job's input reads the corpus file itself, unless the file's first row lacks a column the job then checks."""
+    from diffembed.eval.runner import load_tasks
+
+    root = copy_sample(tmp_path)
+    with (root / "corpus.jsonl").open("a") as f:  # no text but a title: the title; neither: not retrievable
+        f.write(json.dumps({"_id": "d-null", "title": "Solar panels", "text": None}) + "\n")
+        f.write(json.dumps({"_id": "d-empty", "title": " ", "text": "  "}) + "\n")
+    full, ids_only = load_beir(root, "test"), load_beir(root, "test", texts=False)
+    assert ids_only.corpus is None and ids_only.titles == {}
+    assert ids_only.text_ids == full.text_ids and "d-null" in full.text_ids and "d-empty" not in full.text_ids
+    assert ids_only.size == full.size == len(full.corpus) and full.corpus["d-null"] == "Solar panels"
+    assert (ids_only.queries, ids_only.qrels) == (full.queries, full.qrels)
+    assert ids_only.batch_input == {"paths": [str(root / "corpus.jsonl")], "format": "jsonl", "id_column": "_id",
+                                    "text_column": "text", "title_column": "title", "bad_rows": "skip"}
+
+    rows = [json.loads(line) for line in (root / "corpus.jsonl").read_text().splitlines()]
+    del rows[0]["title"]  # the job would refuse title_column=title, and without it would drop every title
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = EvalConfig.from_dict({"tasks": [{"name": "b", "kind": "beir", "path": str(root)}],
+                                "retrieval": {"backend": "qdrant"}})
+    scored, _ = load_tasks(cfg)
+    assert scored["b"].batch_input is None and scored["b"].corpus is not None  # the texts are held and written
+    assert scored["b"].text_ids == full.text_ids
 
 
 def test_config_rules():
@@ -159,6 +187,9 @@ def test_exact_backend_equals_qdrant_backend(ray_cluster, tmp_path):
     via_qdrant = run_evaluation(qdrant_cfg, progress=False)
     exact = run_evaluation(exact_cfg, progress=False)
     assert set(via_qdrant["indexing"]) == {"sample", "passkey@160"}
+    # the BEIR corpus went to the batch job as its own file; only the generated task's documents were written
+    assert sorted(p.name for p in (tmp_path / "out" / "corpora").iterdir()) == [
+        f"{collection_name(qdrant_cfg, 'passkey@160')}.jsonl"]
     assert via_qdrant["indexing"]["passkey@160"]["chunks_written"] > 8  # several windows per document
     for name, entry in exact["tasks"].items():
         for m in METRICS:
@@ -271,17 +302,16 @@ def test_fusion_config_rules():
 
 def test_the_tuning_split_shares_the_scored_splits_corpus():
     """--tune-fusion reads the corpus once: the dev split's data holds the test split's documents, not a copy."""
-    from diffembed.eval.runner import load_tasks, load_tuning_tasks
+    from diffembed.eval.runner import load_tasks
 
     cfg = EvalConfig.from_dict({"tasks": [{"name": "b", "kind": "beir", "path": str(SAMPLE)}],
                                 "retrieval": {"backend": "qdrant", "mode": "hybrid", "tune_fusion": True}})
-    scored = load_tasks(cfg)
-    tuning = load_tuning_tasks(cfg, scored)
-    assert tuning["b"].corpus is scored["b"].corpus and tuning["b"].titles is scored["b"].titles
+    scored, tuning = load_tasks(cfg)
+    assert tuning["b"].text_ids is scored["b"].text_ids and tuning["b"].titles is scored["b"].titles
     assert tuning["b"].meta["split"] == "dev" and tuning["b"].qrels != scored["b"].qrels
-    alone = load_beir(SAMPLE, "dev")
-    assert (alone.corpus, alone.titles, alone.queries, alone.qrels) == (
-        tuning["b"].corpus, tuning["b"].titles, tuning["b"].queries, tuning["b"].qrels)
+    alone = load_beir(SAMPLE, "dev", texts=False)
+    assert (alone.text_ids, alone.size, alone.queries, alone.qrels) == (
+        tuning["b"].text_ids, tuning["b"].size, tuning["b"].queries, tuning["b"].qrels)
 
 
 def test_cli_tune_fusion_end_to_end(ray_cluster, tmp_path, capsys):

@@ -101,6 +101,7 @@ def normalize(row: dict[str, Any], cfg: InputConfig, where: str, order: int = 0,
               skip: str = "") -> dict[str, Any]:
     """One document row; `weight` is its share of the input (bytes, or 1 row) for the progress ETA."""
     raw = row.get(cfg.text_column)
+    raw = "" if raw is None else raw  # a null or missing text is no text (the row may still have a title), as in BEIR
     title = row.get(cfg.title_column) if cfg.title_column else None
     title = title if isinstance(title, str) else None
     text = ""

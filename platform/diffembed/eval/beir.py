@@ -21,24 +21,58 @@ from diffembed.files import is_dir, is_file, is_uri, join, json_lines, list_file
 
 @dataclass
 class RetrievalData:
-    """A retrieval task in memory: documents, the judged queries, and their relevance judgements."""
+    """A retrieval task in memory: documents, the judged queries, and their relevance judgements.
+
+    Read without texts (`load_beir(texts=False)`, the store backend's way at any corpus size), `corpus` is None and
+    only the ids of the documents with text are held; the batch job then reads the documents itself from
+    `batch_input` (the corpus file and its columns)."""
 
     name: str
-    corpus: dict[str, str]  # doc id -> text
+    corpus: dict[str, str] | None  # doc id -> text; None when the texts were not read
     queries: dict[str, str]  # query id -> text (only queries with a relevant document)
     qrels: dict[str, dict[str, int]]  # query id -> doc id -> grade
     meta: dict[str, Any] = field(default_factory=dict)
     titles: dict[str, str] = field(default_factory=dict)  # doc id -> title, for documents that have one
+    text_ids: list[str] = field(default_factory=list)  # the documents that have text (retrievable), in corpus order
+    size: int = 0  # documents in the corpus, with text or without
+    batch_input: dict[str, Any] | None = None  # BEIR: the batch job's `input` that reads exactly these documents
+
+    def __post_init__(self) -> None:
+        if self.corpus is not None and not self.size:  # built from texts (load_beir passes both)
+            self.text_ids = [d for d, text in self.corpus.items() if text.strip()]
+            self.size = len(self.corpus)
+
+
+@dataclass
+class BeirCorpus:
+    """A BEIR folder's corpus.jsonl as read: with its texts, or (`texts=False`) only its ids, so a corpus of
+    millions of documents is checked without being held. Shared by the splits read from it (`load_beir`)."""
+
+    path: str
+    texts: dict[str, str] | None  # doc id -> text, when read with texts
+    titles: dict[str, str]
+    ids: set[str] | dict[str, str]  # every doc id (the qrels are checked against it)
+    text_ids: list[str]
+    columns: set[str]  # the first row's keys: the batch job checks its columns against them
+    any_title: bool
+
+    def batch_input(self) -> dict[str, Any] | None:
+        """The batch job's `input` reading the same documents as this reader, or None when none does: the job
+        requires its text and title columns in the first row (a typo guard), BEIR only `_id`."""
+        if "text" not in self.columns or (self.any_title and "title" not in self.columns):
+            return None
+        return {"paths": [self.path], "format": "jsonl", "id_column": "_id", "text_column": "text",
+                "title_column": "title" if "title" in self.columns else None, "bad_rows": "skip"}
 
 
 def _open_text(path: str | Path):
     return io.TextIOWrapper(open_input(str(path)), encoding="utf-8")
 
 
-def _jsonl(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
+def _jsonl(path: str | Path, what: str):
+    """(line number, row) of a JSONL file, streamed; a malformed line or a row without `_id` is a ConfigError."""
     if not is_file(str(path)):
         raise ConfigError(f"{what} file not found: {path}")
-    rows = []
     with _open_text(path) as f:
         for number, row in json_lines(f):
             if isinstance(row, ValueError):
@@ -47,8 +81,7 @@ def _jsonl(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
                 raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             if row.get("_id") in (None, ""):
                 raise ConfigError(f"{path}:{number}: missing '_id'")
-            rows.append((number, row))
-    return rows
+            yield number, row
 
 
 def _text(row: dict[str, Any], key: str, where: str) -> str:
@@ -60,21 +93,34 @@ def _text(row: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def read_corpus(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(doc id -> text, doc id -> title for the documents that have one)."""
-    corpus: dict[str, str] = {}
+def read_beir_corpus(path: str | Path, texts: bool = True) -> BeirCorpus:
+    """Read and check a corpus.jsonl (unique `_id`s, string text and title); `texts=False` keeps only the ids."""
+    kept: dict[str, str] = {}
+    ids: set[str] = set()
     titles: dict[str, str] = {}
+    text_ids: list[str] = []
+    columns: set[str] | None = None
+    any_title = False
     for number, row in _jsonl(path, "corpus"):
         doc_id, where = str(row["_id"]), f"{path}:{number}"
-        if doc_id in corpus:
+        if columns is None:
+            columns = set(row)
+        if doc_id in (kept if texts else ids):
             raise ConfigError(f"{where}: duplicate _id {doc_id!r}")
         text, title = document_fields(_text(row, "text", where), _text(row, "title", where))  # the batch job's rule
-        corpus[doc_id] = text
-        if title:
-            titles[doc_id] = title
-    if not corpus:
+        any_title = any_title or bool(title)
+        if texts:
+            kept[doc_id] = text
+            if title:
+                titles[doc_id] = title
+        else:
+            ids.add(doc_id)
+        if text:
+            text_ids.append(doc_id)
+    if columns is None:
         raise ConfigError(f"{path}: no documents")
-    return corpus, titles
+    return BeirCorpus(path=str(path), texts=kept if texts else None, titles=titles, ids=kept if texts else ids,
+                      text_ids=text_ids, columns=columns, any_title=any_title)
 
 
 def read_queries(path: str | Path) -> dict[str, str]:
@@ -101,7 +147,8 @@ def available_splits(root: str | Path) -> list[str]:
     return sorted(n.removesuffix(".tsv") for n in names if "/" not in n)  # qrels/<split>.tsv, not deeper
 
 
-def read_qrels(path: str | Path, queries: dict[str, str], corpus: dict[str, str]) -> dict[str, dict[str, int]]:
+def read_qrels(path: str | Path, queries: dict[str, str], corpus: set[str] | dict[str, str]
+               ) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     with _open_text(path) as f:
         for number, line in enumerate(f, start=1):
@@ -131,20 +178,16 @@ def read_qrels(path: str | Path, queries: dict[str, str], corpus: dict[str, str]
 
 
 def load_beir(path: str | Path, split: str = "test", name: str | None = None, max_queries: int | None = None,
-              corpus: tuple[dict[str, str], dict[str, str]] | None = None) -> RetrievalData:
+              corpus: BeirCorpus | None = None, texts: bool = True) -> RetrievalData:
     """Read a BEIR-layout dataset; only queries with a relevant document in `split` are kept. `corpus`: the
-    folder's (texts, titles) from an earlier `load_beir` of another split, shared instead of read again."""
-    root = str(path) if is_uri(str(path)) else str(Path(path).expanduser())
-    if not is_dir(root):
-        raise ConfigError(f"BEIR dataset folder not found: {root}")
-    qrels_path = join(root, "qrels", f"{split}.tsv")
-    if not is_file(qrels_path):
-        splits = available_splits(root)
-        have = ", ".join(splits) if splits else f"none: {join(root, 'qrels')} holds no .tsv files"
-        raise ConfigError(f"{root}: no split {split!r} (available: {have})")
-    corpus, titles = corpus or read_corpus(join(root, "corpus.jsonl"))
+    folder's corpus from `read_beir_corpus` (or an earlier split), shared instead of read again; `texts=False`
+    reads it without holding its texts (see `RetrievalData`)."""
+    root = beir_root(path)
+    qrels_path = split_qrels(root, split)
+    if corpus is None:
+        corpus = read_beir_corpus(join(root, "corpus.jsonl"), texts=texts)
     queries = read_queries(join(root, "queries.jsonl"))
-    qrels = read_qrels(qrels_path, queries, corpus)
+    qrels = read_qrels(qrels_path, queries, corpus.ids)
     judged = [q for q in queries if any(grade > 0 for grade in qrels.get(q, {}).values())]
     if not judged:
         raise ConfigError(f"{qrels_path}: no query has a relevant document in split {split!r}")
@@ -152,9 +195,30 @@ def load_beir(path: str | Path, split: str = "test", name: str | None = None, ma
         judged = judged[:max_queries]
     return RetrievalData(
         name=name or root.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1],
-        corpus=corpus,
+        corpus=corpus.texts,
         queries={q: queries[q] for q in judged},
         qrels={q: qrels[q] for q in judged},
         meta={"path": root, "split": split, "queries_in_file": len(queries)},
-        titles=titles,
+        titles=corpus.titles,
+        text_ids=corpus.text_ids,
+        size=len(corpus.ids),
+        batch_input=corpus.batch_input(),
     )
+
+
+def beir_root(path: str | Path) -> str:
+    """The dataset folder (a local path or URI), checked to exist."""
+    root = str(path) if is_uri(str(path)) else str(Path(path).expanduser())
+    if not is_dir(root):
+        raise ConfigError(f"BEIR dataset folder not found: {root}")
+    return root
+
+
+def split_qrels(root: str, split: str) -> str:
+    """The split's qrels file in a dataset folder; a ConfigError naming the splits there if it has none."""
+    qrels_path = join(root, "qrels", f"{split}.tsv")
+    if not is_file(qrels_path):
+        splits = available_splits(root)
+        have = ", ".join(splits) if splits else f"none: {join(root, 'qrels')} holds no .tsv files"
+        raise ConfigError(f"{root}: no split {split!r} (available: {have})")
+    return qrels_path

@@ -31,7 +31,8 @@ import numpy as np
 
 from diffembed.config import ConfigError
 from diffembed.documents import aggregate_hits, policy_scores
-from diffembed.eval.beir import RetrievalData, load_beir
+from diffembed.eval.beir import RetrievalData, beir_root, load_beir, read_beir_corpus, split_qrels
+from diffembed.files import join
 from diffembed.eval.config import EvalConfig, TaskConfig
 from diffembed.eval.metrics import evaluate, top_k_run
 from diffembed.eval.report import write_results
@@ -41,34 +42,40 @@ QUERY_BLOCK = 256  # queries scored against all chunks at once (bounds the (Q, M
 MAXSIM_BLOCK = 1 << 24  # multivectors: query-vector x document-vector dot products held at once (64 MiB)
 
 
-def load_tasks(cfg: EvalConfig) -> dict[str, RetrievalData]:
-    """Read (and so validate) every BEIR task before any model is loaded: bad data fails in seconds."""
-    return {
-        t.name: load_beir(t.path, t.split, name=t.name, max_queries=t.max_queries)
-        for t in cfg.tasks
-        if t.kind == "beir"
-    }
+def load_tasks(cfg: EvalConfig) -> tuple[dict[str, RetrievalData], dict[str, RetrievalData]]:
+    """Read (and so check) every BEIR task before any model is loaded: bad data fails in seconds.
 
-
-def load_tuning_tasks(cfg: EvalConfig, scored: dict[str, RetrievalData]) -> dict[str, RetrievalData]:
-    """With `retrieval.tune_fusion`: each BEIR task's tuning split (ConfigError when a task has none), sharing the
-    corpus already read for its scored split (`scored`, from `load_tasks`): one corpus in memory, read once."""
-    if not cfg.retrieval.tune_fusion:
-        return {}
-    split = cfg.retrieval.tune_split
-    out = {}
+    Returns the scored splits and, with `retrieval.tune_fusion`, the tuning splits (ConfigError when a task has
+    none); both share their task's corpus, read once. The exact backend holds the corpus texts (it encodes them
+    in this process); the store backend only the document ids: the batch job reads the documents from the
+    corpus file itself, so a corpus of millions of documents is never held here or shipped to a remote task.
+    """
+    texts = cfg.retrieval.backend == "exact"
+    tune, tune_split = cfg.retrieval.tune_fusion, cfg.retrieval.tune_split
+    scored: dict[str, RetrievalData] = {}
+    tuning: dict[str, RetrievalData] = {}
     for t in cfg.tasks:
         if t.kind != "beir":
             continue
-        if split == t.split:
-            raise ConfigError(f"task {t.name!r}: tune_split {split!r} is the scored split; tune on another (dev)")
-        out[t.name] = load_beir(t.path, split, name=t.name, corpus=(scored[t.name].corpus, scored[t.name].titles))
-    return out
+        if tune and tune_split == t.split:
+            raise ConfigError(f"task {t.name!r}: tune_split {tune_split!r} is the scored split; tune on another (dev)")
+        root = beir_root(t.path)
+        for split in [t.split, *([tune_split] if tune else [])]:
+            split_qrels(root, split)  # a missing split fails before the corpus is read
+        corpus = read_beir_corpus(join(root, "corpus.jsonl"), texts=texts)
+        if corpus.batch_input() is None and not texts:  # the batch job cannot read this file: hold and pass texts
+            corpus = read_beir_corpus(join(root, "corpus.jsonl"), texts=True)
+        scored[t.name] = load_beir(root, t.split, name=t.name, max_queries=t.max_queries, corpus=corpus)
+        if tune:
+            tuning[t.name] = load_beir(root, tune_split, name=t.name, corpus=corpus)
+    return scored, tuning
 
 
 def _texts(data: RetrievalData) -> tuple[list[str], list[str], list[str | None]]:
     """(doc ids, texts, titles) of the documents that have text; empty ones can never be retrieved."""
-    ids = [d for d, text in data.corpus.items() if text.strip()]
+    if data.corpus is None:
+        raise ValueError(f"{data.name}: read without its texts (load_beir(texts=False))")
+    ids = data.text_ids
     return ids, [data.corpus[d] for d in ids], [data.titles.get(d) for d in ids]
 
 
@@ -162,7 +169,7 @@ def index_corpus(cfg: EvalConfig, data: RetrievalData, store_cfg, progress: bool
     from diffembed.index.fingerprint import embedding_fingerprint
     from diffembed.index.store import open_store
 
-    doc_ids, texts, titles = _texts(data)
+    doc_ids = data.text_ids
     with open_store(store_cfg) as store:
         exists = store.exists()
         if exists and not cfg.retrieval.reuse_collections:
@@ -172,15 +179,19 @@ def index_corpus(cfg: EvalConfig, data: RetrievalData, store_cfg, progress: bool
             store.ensure_collection(dim, embedding_fingerprint(cfg.embedder, dim, store_cfg.distance, store_cfg.sparse))
             if len(store.complete_docs(doc_ids)) == len(doc_ids):
                 return {"collection": store_cfg.collection, "reused": True, "documents": len(doc_ids)}
-    corpus_file = Path(cfg.output_dir) / "corpora" / f"{collection_name(cfg, data.name)}.jsonl"
-    corpus_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(corpus_file, "w", encoding="utf-8") as f:
-        for doc_id, text, title in zip(doc_ids, texts, titles):
-            f.write(json.dumps({"id": doc_id, "text": text, "title": title}) + "\n")
+    if data.batch_input is not None:  # a BEIR corpus file: the job reads it where its tasks run
+        source = InputConfig(**data.batch_input)
+    else:  # documents held here (synthetic tasks): written for the job
+        corpus_file = Path(cfg.output_dir) / "corpora" / f"{collection_name(cfg, data.name)}.jsonl"
+        corpus_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(corpus_file, "w", encoding="utf-8") as f:
+            for doc_id, text, title in zip(*_texts(data)):
+                f.write(json.dumps({"id": doc_id, "text": text, "title": title}) + "\n")
+        source = InputConfig(paths=[str(corpus_file)], format="jsonl", id_column="id", text_column="text",
+                             title_column="title")
     job = EmbedCorpusConfig(
         embedder=cfg.embedder,
-        input=InputConfig(paths=[str(corpus_file)], format="jsonl", id_column="id", text_column="text",
-                          title_column="title"),
+        input=source,
         encode=cfg.retrieval.encode,
         store=store_cfg,
         skip_existing=True,
@@ -270,7 +281,7 @@ def tune_fusion(cfg: EvalConfig, embedder, dev: RetrievalData, store_cfg, instru
 
 def _entry(data: RetrievalData, run: dict[str, dict[str, float]]) -> dict[str, Any]:
     metrics = evaluate(data.qrels, run)
-    return {**{m: metrics[m] for m in METRICS}, "queries": len(data.queries), "documents": len(data.corpus)}
+    return {**{m: metrics[m] for m in METRICS}, "queries": len(data.queries), "documents": data.size}
 
 
 def _average(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -298,8 +309,7 @@ def run_evaluation(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     the CPU head node a submitted job's driver runs on); the results come back and are written here.
     """
     started = time.perf_counter()
-    beir = load_tasks(cfg)  # ConfigError on bad data, before any model loads or any node is asked for
-    dev = load_tuning_tasks(cfg, beir)
+    beir, dev = load_tasks(cfg)  # ConfigError on bad data, before any model loads or any node is asked for
     if not cfg.compute.remote:
         results = _evaluate_here(cfg, beir, progress, dev)
     else:
@@ -339,7 +349,7 @@ def _evaluate_here(cfg: EvalConfig, beir: dict[str, RetrievalData], progress: bo
                 by_dimension = {str(d): _entry(data, r) for d, r in runs.items()}
             else:
                 store_cfg = store_config(cfg, data.name)
-                indexing[data.name] = index_corpus(cfg, data, store_cfg)
+                indexing[data.name] = index_corpus(cfg, data, store_cfg, progress)
                 if dev and task.name in dev:
                     tuning[data.name] = tune_fusion(cfg, embedder, dev[task.name], store_cfg, task.instruction)
                     if progress:
