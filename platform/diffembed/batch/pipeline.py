@@ -7,8 +7,8 @@ rewritten. The check runs per batch against the store, so no set of finished doc
 Nothing heavy passes through the driver: the encoder actors produce the vectors, the writer stage builds the
 points (payloads, BM25 vectors) and upserts them, and only a small summary row per batch reaches the driver,
 which orchestrates and reports progress. With the embedded Edge store (one process per path) one `StoreOwner`
-actor holds the store and serves the resume check and the writes; with a Qdrant server every writer actor
-talks to the server itself (`store.writers` of them). The collection carries the embedding fingerprint: a
+actor, on the driver's node (the store is a folder there), holds the store and serves the resume check and the
+writes; with a Qdrant server every writer actor talks to the server itself (`store.writers` of them). The collection carries the embedding fingerprint: a
 rerun with another embedding function stops before writing (or, with `recreate`, starts the collection over).
 
 Before the pipeline, a pre-pass over the ids (`diffembed.batch.scan`) finds duplicate ids (the last occurrence
@@ -292,6 +292,16 @@ def actor_restarts_option():
         yield
 
 
+def on_this_node() -> dict[str, Any]:
+    """Ray options that keep an actor on the node running this code: an embedded (Edge) store is a folder on
+    that node's disk, and the job (and later the evaluation, the miner, the service) opens it by the same path.
+    Left to Ray, an actor that asks for no CPU lands on a random node of the cluster and writes the store there."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
@@ -346,7 +356,7 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
     store_args = cfg.store.model_dump(mode="json")
     owner = None
     if not cfg.store.url:  # Edge: one process holds the store for the whole run
-        owner = ray.remote(num_cpus=0, max_restarts=0)(StoreOwner).remote(store_args)
+        owner = ray.remote(num_cpus=0, max_restarts=0, **on_this_node())(StoreOwner).remote(store_args)
     writers = 1 if owner is not None else cfg.store.writers
     server = open_store(cfg.store) if cfg.store.url else None
     bulk = server.bulk_load() if server is not None else None  # server: indexing paused by the driver

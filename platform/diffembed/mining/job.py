@@ -344,7 +344,7 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from diffembed.batch.pipeline import actor_restarts_option
+    from diffembed.batch.pipeline import actor_restarts_option, on_this_node
     from diffembed.files import expand_files
 
     started = time.perf_counter()
@@ -380,6 +380,7 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
                     "fetch": cfg.fetch, "positive_id_field": cfg.candidates.positive_id_field},
                 compute=ray.data.ActorPoolStrategy(size=cfg.candidates.searchers if store_cfg.url else 1),
                 batch_size=cfg.encode.batch_size, num_cpus=0, batch_format="numpy", max_restarts=0,
+                **({} if store_cfg.url else on_this_node()),  # an embedded store is a folder on this node
             )
         with _Output(cfg.output) as out:
             for batch in mined.iter_batches(batch_size=None, batch_format="numpy"):
