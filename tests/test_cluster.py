@@ -77,10 +77,13 @@ def placement_problems(requests: list[Request], types: dict[str, NodeType]) -> l
             for r in requests if not fitting_types(r, types)]
 
 
+HEAD_NODE = {"node:__internal_head__": 1.0}  # Ray gives the head node this resource of its own
+
+
 def cluster_node_types(cluster: dict) -> dict[str, NodeType]:
     head = cluster["head_node_type"]
     return {
-        name: NodeType(name, {k: float(v) for k, v in t["resources"].items()},
+        name: NodeType(name, {**{k: float(v) for k, v in t["resources"].items()}, **(HEAD_NODE if name == head else {})},
                        1 if name == head else t.get("max_workers", cluster.get("max_workers", 0)))
         for name, t in cluster["available_node_types"].items()
     }
@@ -270,6 +273,8 @@ def test_inference_work_lands_in_its_pool(path, pool, node_types):
     for req in reqs:  # ingress / retriever are CPU-only: the head can host them
         if "encoder" not in req.what:
             assert "GPU" not in req.bundle and "head" in fitting_types(req, node_types)
+        if "retriever" in req.what and path.name == "config.yaml":  # an embedded (Edge) store: on the head only,
+            assert fitting_types(req, node_types) == ["head"] and req.count == 1  # where submitted jobs wrote it
 
 
 def test_checker_reports_unsatisfiable_requests(node_types):
@@ -353,7 +358,8 @@ def kuberay_group_type(name: str, group: dict, max_nodes: int) -> NodeType:
 
 
 def kuberay_node_types(cluster_spec: dict) -> dict[str, NodeType]:
-    types = {"head": kuberay_group_type("head", cluster_spec["headGroupSpec"], 1)}
+    head = kuberay_group_type("head", cluster_spec["headGroupSpec"], 1)
+    types = {"head": NodeType("head", {**head.resources, **HEAD_NODE}, 1)}
     for group in cluster_spec.get("workerGroupSpecs", []):
         types[group["groupName"]] = kuberay_group_type(group["groupName"], group, group.get("maxReplicas", 0))
     return types
@@ -389,7 +395,7 @@ def test_kuberay_rayjob_manifests(path):
     # the same custom resources as cluster.yaml's pools
     cluster = cluster_node_types(yaml.safe_load(CLUSTER_YAML.read_text()))
     for name, t in types.items():
-        custom = {k: v for k, v in t.resources.items() if k not in ("CPU", "GPU")}
+        custom = {k: v for k, v in t.resources.items() if k not in ("CPU", "GPU", *HEAD_NODE)}
         if custom:
             assert any(custom.items() <= c.resources.items() and c.resources.get("GPU") == t.resources.get("GPU")
                        for c in cluster.values()), (name, t)
