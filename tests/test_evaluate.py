@@ -114,6 +114,14 @@ def test_read_without_texts_holds_the_same_documents_but_no_text(tmp_path):
     assert scored["b"].batch_input is None and scored["b"].corpus is not None  # the texts are held and written
     assert scored["b"].text_ids == full.text_ids
 
+    # a remote evaluation (a GPU node) of a local folder: the folder is on this machine, the texts travel along;
+    # of a URI: the task's batch job reads it where it runs
+    for path, held in [(SAMPLE, True), (f"file://{SAMPLE}", False)]:
+        remote = EvalConfig.from_dict({"tasks": [{"name": "b", "kind": "beir", "path": str(path)}],
+                                       "retrieval": {"backend": "qdrant"}, "compute": {"resources": {"gpu_pool": 1}}})
+        scored, _ = load_tasks(remote)
+        assert (scored["b"].corpus is not None) == held and scored["b"].text_ids == load_beir(SAMPLE).text_ids
+
 
 def test_config_rules():
     with pytest.raises(ConfigError, match="retrieval.mode=hybrid needs retrieval.backend=qdrant"):

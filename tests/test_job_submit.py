@@ -66,10 +66,12 @@ def test_ray_job_submit_evaluation(head_node, tmp_path):
     out = tmp_path / "eval"
     proc = submit(head_node, tmp_path, "jobs/evaluate.py", "--config", "jobs/configs/eval_cpu.yaml",
                   f"output_dir={out}", "tasks=[{name: beir_sample, kind: beir, path: jobs/configs/data/beir_sample}]",
-                  "compute.resources={inference_node: 1}")
+                  "compute.resources={inference_node: 1}", "retrieval.backend=qdrant")
     results = json.loads((out / "results.json").read_text())
     assert results["compute"] == {"ray_task": True, "CPU": 1.0, "inference_node": 1.0}  # ran in the pool's task
     assert results["tasks"]["beir_sample"]["ndcg@10"] > 0.8
+    # through the batch job inside the task: the local folder's texts came with the task and were written for it
+    assert results["indexing"]["beir_sample"]["documents_embedded"] == 36  # of 37: d37 has no text
     assert "| beir_sample |" in proc.stdout
 
 

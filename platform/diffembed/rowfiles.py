@@ -181,8 +181,10 @@ def scan_rows(files: list[str], fmt: str, check: RowCheck, bad_rows: str, keep: 
     """
     import ray
 
+    from diffembed.placement import where_to_read
+
     shards = plan_shards(files, fmt, shard_bytes)
-    scan = ray.remote(num_cpus=1)(_scan_shard).options(num_returns=2)
+    scan = ray.remote(num_cpus=1)(_scan_shard).options(num_returns=2, **where_to_read(files))  # local files: here
     refs = [scan.remote(shard, check, keep) for shard in shards]
     blocks = [table for table, _ in refs]
     places = ray.get([place for _, place in refs])  # one per shard, in input order: rows come in input order

@@ -292,16 +292,6 @@ def actor_restarts_option():
         yield
 
 
-def on_this_node() -> dict[str, Any]:
-    """Ray options that keep an actor on the node running this code: an embedded (Edge) store is a folder on
-    that node's disk, and the job (and later the evaluation, the miner, the service) opens it by the same path.
-    Left to Ray, an actor that asks for no CPU lands on a random node of the cluster and writes the store there."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
-
-
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
@@ -336,6 +326,7 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
     from diffembed.batch.scan import assign_drops, scan_corpus
     from diffembed.index.fingerprint import embedding_fingerprint
     from diffembed.index.store import open_store
+    from diffembed.placement import on_this_node
 
     started = time.perf_counter()
     units = plan_units(cfg.input)  # validates inputs and columns before anything is written (or torch imported)
@@ -356,7 +347,7 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
     store_args = cfg.store.model_dump(mode="json")
     owner = None
     if not cfg.store.url:  # Edge: one process holds the store for the whole run
-        owner = ray.remote(num_cpus=0, max_restarts=0, **on_this_node())(StoreOwner).remote(store_args)
+        owner = ray.remote(num_cpus=0, max_restarts=0, **on_this_node())(StoreOwner).remote(store_args)  # its disk
     writers = 1 if owner is not None else cfg.store.writers
     server = open_store(cfg.store) if cfg.store.url else None
     bulk = server.bulk_load() if server is not None else None  # server: indexing paused by the driver

@@ -136,10 +136,13 @@ def read_corpus(cfg: InputConfig, units: list[dict[str, Any]] | None = None):
     skipped with reason DUPLICATE."""
     import ray.data
 
+    from diffembed.placement import where_to_read
+
     if units is None:
         units = plan_units(cfg)
     blocks = max(1, len(units))  # empty files only: an empty dataset
-    return ray.data.from_items(units, override_num_blocks=blocks).flat_map(lambda unit: list(unit_rows(unit, cfg)))
+    return ray.data.from_items(units, override_num_blocks=blocks).flat_map(
+        lambda unit: list(unit_rows(unit, cfg)), **where_to_read(unit_files(units).values()))  # local files: here
 
 
 DUPLICATE = "__duplicate_id__"  # the skip reason of a row whose id occurs again later in the input

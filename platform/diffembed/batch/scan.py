@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from diffembed.batch.config import InputConfig
-from diffembed.batch.reading import unit_rows, unit_start
+from diffembed.batch.reading import unit_files, unit_rows, unit_start
 
 EXAMPLES = 5
 
@@ -84,8 +84,11 @@ def scan_corpus(units: list[dict[str, Any]], cfg: InputConfig) -> ScanResult:
     """Run the pre-pass on the current Ray cluster (see the module docstring)."""
     import ray
 
+    from diffembed.placement import where_to_read
+
     buckets = int(np.clip(len(units) // 8, 1, 64))
-    scan = ray.remote(num_cpus=1)(_scan_unit).options(num_returns=buckets + 1)
+    scan = ray.remote(num_cpus=1)(_scan_unit).options(num_returns=buckets + 1,
+                                                      **where_to_read(unit_files(units).values()))
     reduce = ray.remote(num_cpus=1)(_find_duplicates)
     mapped = [scan.remote(u, cfg, buckets) for u in units]
     reduced = [reduce.remote(*[m[b + 1] for m in mapped]) for b in range(buckets)]

@@ -32,7 +32,7 @@ import numpy as np
 from diffembed.config import ConfigError
 from diffembed.documents import aggregate_hits, policy_scores
 from diffembed.eval.beir import RetrievalData, beir_root, load_beir, read_beir_corpus, split_qrels
-from diffembed.files import join
+from diffembed.files import is_uri, join
 from diffembed.eval.config import EvalConfig, TaskConfig
 from diffembed.eval.metrics import evaluate, top_k_run
 from diffembed.eval.report import write_results
@@ -49,8 +49,9 @@ def load_tasks(cfg: EvalConfig) -> tuple[dict[str, RetrievalData], dict[str, Ret
     none); both share their task's corpus, read once. The exact backend holds the corpus texts (it encodes them
     in this process); the store backend only the document ids: the batch job reads the documents from the
     corpus file itself, so a corpus of millions of documents is never held here or shipped to a remote task.
+    Except for a local folder when the evaluation runs as a remote task (`compute`): the folder is on this
+    node, so its texts are read here and travel with the task (a URI is read where the task runs).
     """
-    texts = cfg.retrieval.backend == "exact"
     tune, tune_split = cfg.retrieval.tune_fusion, cfg.retrieval.tune_split
     scored: dict[str, RetrievalData] = {}
     tuning: dict[str, RetrievalData] = {}
@@ -60,6 +61,7 @@ def load_tasks(cfg: EvalConfig) -> tuple[dict[str, RetrievalData], dict[str, Ret
         if tune and tune_split == t.split:
             raise ConfigError(f"task {t.name!r}: tune_split {tune_split!r} is the scored split; tune on another (dev)")
         root = beir_root(t.path)
+        texts = cfg.retrieval.backend == "exact" or (cfg.compute.remote and not is_uri(root))
         for split in [t.split, *([tune_split] if tune else [])]:
             split_qrels(root, split)  # a missing split fails before the corpus is read
         corpus = read_beir_corpus(join(root, "corpus.jsonl"), texts=texts)
@@ -179,9 +181,9 @@ def index_corpus(cfg: EvalConfig, data: RetrievalData, store_cfg, progress: bool
             store.ensure_collection(dim, embedding_fingerprint(cfg.embedder, dim, store_cfg.distance, store_cfg.sparse))
             if len(store.complete_docs(doc_ids)) == len(doc_ids):
                 return {"collection": store_cfg.collection, "reused": True, "documents": len(doc_ids)}
-    if data.batch_input is not None:  # a BEIR corpus file: the job reads it where its tasks run
+    if data.corpus is None:  # read without texts: the job reads the BEIR corpus file itself
         source = InputConfig(**data.batch_input)
-    else:  # documents held here (synthetic tasks): written for the job
+    else:  # documents held here (synthetic tasks, a local BEIR folder of a remote evaluation): written for the job
         corpus_file = Path(cfg.output_dir) / "corpora" / f"{collection_name(cfg, data.name)}.jsonl"
         corpus_file.parent.mkdir(parents=True, exist_ok=True)
         with open(corpus_file, "w", encoding="utf-8") as f:

@@ -344,7 +344,8 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from diffembed.batch.pipeline import actor_restarts_option, on_this_node
+    from diffembed.batch.pipeline import actor_restarts_option
+    from diffembed.placement import on_this_node
     from diffembed.files import expand_files
 
     started = time.perf_counter()
