@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,6 +130,35 @@ def test_unknown_hub_id_offline_is_one_line():
     with pytest.raises(ConfigError) as err:
         Embedder(EmbedderConfig(model="no-such-org/no-such-model"))
     assert "no-such-org/no-such-model" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda shard: shard.write_bytes(shard.read_bytes()[:2000]), "unreadable safetensors weights"),  # a cut copy
+    (lambda shard: shard.unlink(), "names shard(s) ['model-00002-of-00003.safetensors']"),  # a shard not copied
+], ids=["truncated", "missing"])
+def test_damaged_checkpoint_is_one_line_before_any_actor_starts(tiny_checkpoints, tmp_path, capsys, damage, needle):
+    """The embedder and, before they start encoder actors (which would fail with Ray tracebacks), the batch and
+    mining jobs' drivers name the damaged file in one line."""
+    import runpy
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    model = shutil.copytree(tiny_checkpoints["qwen2"], tmp_path / "model")
+    damage(model / "model-00002-of-00003.safetensors")
+    with pytest.raises(ConfigError, match=re.escape(needle)) as err:
+        Embedder(EmbedderConfig(model=str(model)))
+    assert "\n" not in str(err.value)
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"id": "a", "text": "hello", "title": "t"}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"query": "q", "positive": "p"}) + "\n")
+    for job, args in [("embed_corpus", ["--config", "jobs/configs/embed_cpu.yaml", f"input.paths=[{tmp_path}/docs.jsonl]",
+                                        f"store.path={tmp_path}/q"]),
+                      ("mine_negatives", ["--config", "jobs/configs/mine_exact.yaml",
+                                          f"input.files=[{tmp_path}/pairs.jsonl]", f"output={tmp_path}/mined.jsonl"])]:
+        main = runpy.run_path(str(root / "jobs" / f"{job}.py"))["main"]
+        code = main([*args, f"embedder.model={model}"])
+        err_lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err_lines) == 1 and needle in err_lines[0], (job, err_lines)
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob("mined.jsonl*"))
 
 
 def test_unknown_family_in_checkpoint_is_one_line(tmp_path):

@@ -244,11 +244,15 @@ class WriteActor:
 # ------------------------------------------------------------------------------------------ the job
 
 
-def model_dimension(cfg: EmbedderConfig) -> int:
-    """The output size, read from config.json so the driver never loads the (possibly 7B) model."""
-    from diffembed.models.loading import read_json, resolve_model_path
+def model_dimension(cfg: EmbedderConfig, weights: bool = False) -> int:
+    """The output size, read from config.json so the driver never loads the (possibly 7B) model. `weights`: also
+    check the weight files' headers (`check_weights`), before a job starts actors that would load them."""
+    from diffembed.models.loading import check_weights, read_json, resolve_model_path
 
-    raw = read_json(resolve_model_path(cfg.model) / "config.json")
+    path = resolve_model_path(cfg.model)
+    raw = read_json(path / "config.json")
+    if weights:
+        check_weights(path)
     width = raw.get("hidden_size") or raw.get("d_model")
     return int(cfg.dimensions or width)
 
@@ -330,7 +334,7 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
 
     started = time.perf_counter()
     units = plan_units(cfg.input)  # validates inputs and columns before anything is written (or torch imported)
-    dim = model_dimension(cfg.embedder)
+    dim = model_dimension(cfg.embedder, weights=True)  # a damaged checkpoint: one line now, not actor tracebacks
     fingerprint = embedding_fingerprint(cfg.embedder, dim, cfg.store.distance, cfg.store.sparse)
     if not ray.is_initialized():
         ray.init()

@@ -344,12 +344,13 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from diffembed.batch.pipeline import actor_restarts_option
-    from diffembed.placement import on_this_node
+    from diffembed.batch.pipeline import actor_restarts_option, model_dimension
     from diffembed.files import expand_files
+    from diffembed.placement import on_this_node
 
     started = time.perf_counter()
     files = expand_files(cfg.input.files, "input.files", folders=False)
+    model_dimension(cfg.embedder, weights=True)  # a damaged checkpoint: one line now, not actor tracebacks
     store_cfg = check_collection(cfg) if cfg.candidates.source == "store" else None
     if not ray.is_initialized():
         ray.init()

@@ -145,6 +145,33 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
 
 
+def check_weights(path: Path) -> None:
+    """Every safetensors file of the checkpoint in `path` (and every shard its index names) is present and whole:
+    a ConfigError naming the file otherwise. Reads only the headers (safetensors checks that they cover the file
+    exactly, so a truncated copy fails here), so a job's driver checks a 7B checkpoint in milliseconds instead of
+    its encoder actors failing with a traceback once they load it."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"no *.safetensors weights in {path} (diffembed loads safetensors only)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        named = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [name for name in named if not (path / name).is_file()]
+        if missing:
+            raise ConfigError(f"{index}: names shard(s) {missing[:3]} that are not in {path}; the checkpoint is "
+                              "incomplete: copy or download it again")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{file}: unreadable safetensors weights ({reason}); the checkpoint is damaged or "
+                              "incomplete: copy or download it again") from exc
+
+
 def resolve_family(cfg: EmbedderConfig, raw: dict[str, Any], path: Path) -> FamilySpec:
     return get_family(cfg.family) if cfg.family else detect_family(raw, str(path))
 
@@ -251,8 +278,7 @@ def load_backbone(cfg: EmbedderConfig, device: torch.device | None = None) -> Ba
     raw = read_json(path / "config.json")
     family = resolve_family(cfg, raw, path)
     attention = resolve_attention(cfg, family)
-    if not any(path.glob("*.safetensors")):
-        raise ConfigError(f"no *.safetensors weights in {path} (diffembed loads safetensors only)")
+    check_weights(path)
     hf_config = family.build_config(raw, str(path))
 
     with quiet_transformers():  # the load report is ours to judge, not to print
