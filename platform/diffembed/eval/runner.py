@@ -32,10 +32,10 @@ import numpy as np
 from diffembed.config import ConfigError
 from diffembed.documents import aggregate_hits, policy_scores
 from diffembed.eval.beir import RetrievalData, beir_root, load_beir, read_beir_corpus, split_qrels
-from diffembed.files import is_uri, join
 from diffembed.eval.config import EvalConfig, TaskConfig
 from diffembed.eval.metrics import evaluate, top_k_run
 from diffembed.eval.report import write_results
+from diffembed.files import is_uri, join
 
 METRICS = ("ndcg@1", "ndcg@10", "recall@10", "recall@100", "mrr@10")
 QUERY_BLOCK = 256  # queries scored against all chunks at once (bounds the (Q, M) score matrix)
