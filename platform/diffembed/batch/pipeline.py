@@ -8,8 +8,9 @@ Nothing heavy passes through the driver: the encoder actors produce the vectors,
 points (payloads, BM25 vectors) and upserts them, and only a small summary row per batch reaches the driver,
 which orchestrates and reports progress. With the embedded Edge store (one process per path) one `StoreOwner`
 actor, on the driver's node (the store is a folder there), holds the store and serves the resume check and the
-writes; with a Qdrant server every writer actor talks to the server itself (`store.writers` of them). The collection carries the embedding fingerprint: a
-rerun with another embedding function stops before writing (or, with `recreate`, starts the collection over).
+writes; with a Qdrant server every writer actor talks to the server itself (`store.writers` of them). The
+collection carries the embedding fingerprint: a rerun with another embedding function stops before writing
+(or, with `recreate`, starts the collection over).
 
 Before the pipeline, a pre-pass over the ids (`diffembed.batch.scan`) finds duplicate ids (the last occurrence
 in input order wins; the earlier ones are skipped and counted) and bad rows (`input.bad_rows`: skip and report,
@@ -244,15 +245,11 @@ class WriteActor:
 # ------------------------------------------------------------------------------------------ the job
 
 
-def model_dimension(cfg: EmbedderConfig, weights: bool = False) -> int:
-    """The output size, read from config.json so the driver never loads the (possibly 7B) model. `weights`: also
-    check the weight files' headers (`check_weights`), before a job starts actors that would load them."""
-    from diffembed.models.loading import check_weights, read_json, resolve_model_path
+def model_dimension(cfg: EmbedderConfig) -> int:
+    """The output size, read from config.json so the driver never loads the (possibly 7B) model."""
+    from diffembed.models.loading import read_json, resolve_model_path
 
-    path = resolve_model_path(cfg.model)
-    raw = read_json(path / "config.json")
-    if weights:
-        check_weights(path)
+    raw = read_json(resolve_model_path(cfg.model) / "config.json")
     width = raw.get("hidden_size") or raw.get("d_model")
     return int(cfg.dimensions or width)
 
@@ -330,11 +327,13 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
     from diffembed.batch.scan import assign_drops, scan_corpus
     from diffembed.index.fingerprint import embedding_fingerprint
     from diffembed.index.store import open_store
+    from diffembed.models.loading import check_weights, resolve_model_path
     from diffembed.placement import on_this_node
 
     started = time.perf_counter()
     units = plan_units(cfg.input)  # validates inputs and columns before anything is written (or torch imported)
-    dim = model_dimension(cfg.embedder, weights=True)  # a damaged checkpoint: one line now, not actor tracebacks
+    check_weights(resolve_model_path(cfg.embedder.model))  # a damaged checkpoint: one line now, not actor tracebacks
+    dim = model_dimension(cfg.embedder)
     fingerprint = embedding_fingerprint(cfg.embedder, dim, cfg.store.distance, cfg.store.sparse)
     if not ray.is_initialized():
         ray.init()

@@ -344,13 +344,14 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from diffembed.batch.pipeline import actor_restarts_option, model_dimension
+    from diffembed.batch.pipeline import actor_restarts_option
     from diffembed.files import expand_files
+    from diffembed.models.loading import check_weights, resolve_model_path
     from diffembed.placement import on_this_node
 
     started = time.perf_counter()
     files = expand_files(cfg.input.files, "input.files", folders=False)
-    model_dimension(cfg.embedder, weights=True)  # a damaged checkpoint: one line now, not actor tracebacks
+    check_weights(resolve_model_path(cfg.embedder.model))  # a damaged checkpoint: one line now, not actor tracebacks
     store_cfg = check_collection(cfg) if cfg.candidates.source == "store" else None
     if not ray.is_initialized():
         ray.init()

@@ -290,18 +290,18 @@ class RetrieverImpl:
             pass
 
 
+HEAD_NODE = "node:__internal_head__"  # a resource only the head node has (Ray's own)
+
+
 def retriever_deployment(args) -> serve.Deployment:
     """One replica on the head node for the embedded Edge store (its folder is on the disk of the node whose job
     wrote it: a submitted job's driver runs on the head; Ray would otherwise place a replica on any node with
     CPU), any number anywhere for a server."""
     store: StoreConfig = args.store
     options: dict = {"num_cpus": args.retriever_num_cpus}
-    if not store.url:
-        options["resources"] = {HEAD_NODE: 0.001}
+    replicas = args.retriever_replicas
+    if not store.url:  # Edge: one process per path, on the head
+        options["resources"], replicas = {HEAD_NODE: 0.001}, 1
     return serve.deployment(RetrieverImpl).options(
-        name="Retriever", num_replicas=1 if not store.url else args.retriever_replicas, ray_actor_options=options,
-        max_ongoing_requests=64,
+        name="Retriever", num_replicas=replicas, ray_actor_options=options, max_ongoing_requests=64,
     )
-
-
-HEAD_NODE = "node:__internal_head__"  # a resource only the head node has (Ray's own)
