@@ -102,7 +102,7 @@ def test_bad_config_and_input_are_one_line_errors(tmp_path):
 
 def test_a_bad_row_stops_the_job_before_any_encoding_in_one_line(ray_cluster, capsys, tmp_path):
     """The input is read and checked on the cluster (Ray tasks); with `input.bad_rows: fail` the first bad row in
-    input order is the job's one error line, and no output (not even a partial one) is left."""
+    input order is the job's one error line, and no output (not even a parts folder) is left."""
     import runpy
 
     main = runpy.run_path(str(ROOT / "jobs" / "mine_negatives.py"))["main"]
@@ -168,11 +168,11 @@ def test_exact_mining_is_deterministic_harder_than_random_and_trains(ray_cluster
     first.write_text(first.read_text() + json.dumps({"query": "no positive"}) + "\n")
     pairs = [first, write_jsonl(tmp_path / "pairs-b.jsonl", rows[25:])]
     summary = mine_negatives(config(tmp_path, pairs, "mined.jsonl", summary_path=str(tmp_path / "summary.json")))
-    again = mine_negatives(config(tmp_path, pairs, "again.jsonl"))
+    mine_negatives(config(tmp_path, pairs, "again.jsonl"))
     assert (tmp_path / "mined.jsonl").read_bytes() == (tmp_path / "again.jsonl").read_bytes()  # deterministic
     assert summary["rows"] == len(rows) and summary["candidates"] == "exact"
     assert summary["skipped_rows"] == 1 and summary["skipped_examples"][0].startswith(f"{first}:26: missing")
-    assert not list(tmp_path.glob("*.partial"))
+    assert summary["resumed_rows"] == 0 and not list(tmp_path.glob("*.parts"))
     assert summary["mean_negative_score"] < summary["mean_positive_score"]
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == len(rows)
     out = read_jsonl(tmp_path / "mined.jsonl")
@@ -216,32 +216,93 @@ def test_store_mining_never_returns_the_positives_chunks(ray_cluster, tmp_path, 
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_output_appears_whole_or_not_at_all(tmp_path, s3_bucket, where):
-    """The mined rows are appended to `<output>.partial` as they arrive and renamed at the end; a failed run leaves
-    neither the output nor the partial file (local path or URI)."""
+def test_output_parts_resume_and_join_whole(tmp_path, s3_bucket, where):
+    """Rows go to `<output>.parts/` in parts of `part_rows`; a failed run keeps its complete parts (not the one being
+    written), a rerun of the same job resumes after them, another job's parts are removed, and the output appears
+    whole only at the end (local path or URI)."""
     import pyarrow.fs as pafs
 
-    from diffembed.mining.job import _Output
+    from diffembed.mining.output import PartsOutput
 
     if where == "local":
         output = str(tmp_path / "out" / "mined.jsonl")
-        listing = lambda: sorted(p.name for p in (tmp_path / "out").glob("*"))  # noqa: E731
-        read = lambda: (tmp_path / "out" / "mined.jsonl").read_text()  # noqa: E731
+        fs, root = pafs.LocalFileSystem(), str(tmp_path / "out")
     else:
         output = s3_bucket.uri("runs/mined.jsonl")
-        listing = lambda: sorted(i.base_name for i in s3_bucket.fs.get_file_info(  # noqa: E731
-            pafs.FileSelector(f"{s3_bucket.name}/runs", allow_not_found=True)))
-        read = lambda: s3_bucket.fs.open_input_stream(f"{s3_bucket.name}/runs/mined.jsonl").read().decode()  # noqa
+        fs, root = s3_bucket.fs, f"{s3_bucket.name}/runs"
+
+    def listing(folder: str = "") -> list[str]:
+        return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}{folder}", allow_not_found=True)))
+
+    lines = [json.dumps({"query": f"q{i}"}) for i in range(7)]
+    ones = lambda n: {"rows": [1] * n, "negatives": [2] * n}  # noqa: E731 (per-row totals)
+    out = PartsOutput(output, "job-a", part_rows=3, total=7)
+    assert out.resume() == 0
     with pytest.raises(RuntimeError, match="mining failed"):
-        with _Output(output) as out:
-            out.write(['{"query": "a"}'])
-            if where == "local":  # written as the rows arrive (an S3 upload shows when it is closed)
-                assert listing() == ["mined.jsonl.partial"]
+        try:
+            out.write([0, 1], lines[:2], ones(2))
+            out.write([2, 3, 4], lines[2:5], ones(3))  # part [0, 3) complete, [3, 6) half written
             raise RuntimeError("mining failed")
-    assert listing() == []
-    with _Output(output) as out:
-        out.write(['{"query": "a"}', '{"query": "b"}'])
-        out.write([])
-        out.write(['{"query": "c"}'])
+        except BaseException:
+            out.abort()
+            raise
+    assert listing() == ["mined.jsonl.parts"]  # no output yet
+    assert listing("/mined.jsonl.parts") == ["000000000000-000000000003.json", "000000000000-000000000003.jsonl",
+                                             "job.json"]
+    again = PartsOutput(output, "job-a", part_rows=3, total=7)
+    assert again.resume() == 3  # the rerun starts after the complete part
+    with pytest.raises(RuntimeError, match="out of order"):
+        again.write([4], lines[4:5], ones(1))
+    again.write([3, 4, 5, 6], lines[3:], ones(4))
+    again.join()
     assert listing() == ["mined.jsonl"]
-    assert read() == '{"query": "a"}\n{"query": "b"}\n{"query": "c"}\n'
+    with fs.open_input_stream(f"{root}/mined.jsonl") as f:
+        assert f.read().decode() == "".join(line + "\n" for line in lines)
+    assert again.totals() == {"rows": 7, "negatives": 14}
+
+    # another job (changed settings or input) never resumes these parts
+    stale = PartsOutput(output, "job-a", part_rows=3, total=7)
+    stale.resume()
+    stale.write([0, 1, 2], lines[:3], ones(3))
+    other = PartsOutput(output, "job-b", part_rows=3, total=7)
+    assert other.resume() == 0 and listing("/mined.jsonl.parts") == ["job.json"]
+
+
+def test_killed_mining_run_resumes_and_equals_a_clean_run(ray_cluster, tmp_path):
+    """SIGKILL of the mining driver once a part of its output is written: the rerun keeps that part, mines only the
+    rows after it, and writes the same bytes as an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    rows = stdlib_pairs(120)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    overrides = [f"input.files=[{pairs}]", "negatives.per_query=2", "negatives.window=8", "encode.batch_size=2",
+                 "part_rows=6", "embedder.max_length=64", "summary_path=null"]
+    clean = mine_negatives(MineNegativesConfig.from_yaml(ROOT / "jobs/configs/mine_exact.yaml",
+                                                         [*overrides, f"output={tmp_path / 'clean.jsonl'}"]))
+    assert clean["resumed_rows"] == 0 and clean["rows"] == len(rows)
+    output = tmp_path / "mined.jsonl"
+    args = [sys.executable, str(ROOT / "jobs" / "mine_negatives.py"), "--config",
+            str(ROOT / "jobs/configs/mine_exact.yaml"), *overrides, f"output={output}"]
+    # the driver joins this session's Ray instance (as a job on a running cluster): its death takes its actors only
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    parts = tmp_path / "mined.jsonl.parts"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    while proc.poll() is None and not [p for p in parts.glob("*.json") if p.name != "job.json"]:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not output.exists(), "the job finished before it could be killed"
+    kept = sorted(p.name for p in parts.glob("0*.jsonl"))
+    assert kept and len(kept) < len(rows) // 6
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout)
+    assert summary["resumed_rows"] >= 6 and summary["resumed_rows"] % 6 == 0
+    assert output.read_bytes() == (tmp_path / "clean.jsonl").read_bytes()
+    assert {k: v for k, v in summary.items() if k not in ("wall_s", "output", "resumed_rows")} == {
+        k: v for k, v in clean.items() if k not in ("wall_s", "output", "resumed_rows")}
+    assert not parts.exists()

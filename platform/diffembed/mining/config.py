@@ -87,6 +87,11 @@ class MineNegativesConfig(ConfigModel):
     )
     input: PairsInput
     output: str = Field(description="JSONL file (local or a URI) of the input rows, each with `negatives` set.")
+    part_rows: int = Field(
+        10_000, ge=1, description="Rows per output part: the mined rows are written to `<output>.parts/` in parts "
+        "of this many rows, each kept once whole; a rerun of a failed run with the same settings and input mines "
+        "only the rows after its complete parts. The parts become `output` when every row is written.",
+    )
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)

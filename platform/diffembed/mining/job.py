@@ -8,8 +8,9 @@ pool (one model load per actor, as the batch job's) that embeds each row's query
 that ranks candidates — the input's own positives by brute-force cosine (`exact`; the pool is built inside the
 mining actor), or the collection through `store.search` (dense, BM25 or hybrid; one actor holds an embedded Edge
 store) — and picks the negatives (`pick_negatives`: rank window, false-negative filter, seeded draw). The driver
-appends the finished rows, every input field kept, to the output file in input order as they arrive: it holds one
-batch of rows at a time, never the input.
+writes the finished rows, every input field kept, in input order as they arrive, to the output's parts
+(`mining.output`: a failed run keeps its complete parts and a rerun mines the rest): it holds one batch of rows at a
+time, never the input.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ class _Miner:
             counts.append(len(negatives))
             score_sums.append(sum(c.score for c in negatives))
             dropped.append(n_dropped)
-        return {"line": np.array(lines, dtype=object), "negatives": np.array(counts, dtype=np.int64),
+        return {"position": batch["_pos"], "line": np.array(lines, dtype=object),
+                "negatives": np.array(counts, dtype=np.int64),
                 "negative_score_sum": np.array(score_sums, dtype=np.float64),
                 "dropped": np.array(dropped, dtype=np.int64), "positive_score": batch["positive_score"]}
 
@@ -282,43 +284,6 @@ def _pool(blocks: list) -> tuple[np.ndarray, list[str]]:
     return np.stack(vectors), texts  # (N, D), N texts
 
 
-class _Output:
-    """The output JSONL written as the rows arrive, to `<output>.partial`, renamed to `output` when the job ends:
-    never a half file under the output's name; a failed run removes its partial file (a rerun starts over)."""
-
-    def __init__(self, output: str):
-        from diffembed.files import is_uri, resolve
-
-        if is_uri(output):
-            self.fs, inner = resolve(output)
-            self.final, self.partial = inner, f"{inner}.partial"
-            self.file = self.fs.open_output_stream(self.partial)
-        else:
-            self.fs, self.final = None, os.path.expanduser(output)
-            os.makedirs(os.path.dirname(os.path.abspath(self.final)), exist_ok=True)
-            self.partial = f"{self.final}.partial"
-            self.file = open(self.partial, "wb")
-
-    def write(self, lines: list[str]) -> None:
-        if lines:
-            self.file.write(("\n".join(lines) + "\n").encode())
-
-    def __enter__(self) -> "_Output":
-        return self
-
-    def __exit__(self, kind, exc, tb) -> None:
-        self.file.close()
-        if kind is None:
-            if self.fs is None:
-                os.replace(self.partial, self.final)
-            else:
-                self.fs.move(self.partial, self.final)
-        elif self.fs is None:
-            os.remove(self.partial)
-        else:
-            self.fs.delete_file(self.partial)
-
-
 @contextlib.contextmanager
 def _ordered():
     """Ray Data keeps the rows' input order in the datasets built inside (the output file's order)."""
@@ -338,14 +303,15 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
 
     Ray tasks read and check the input (`rowfiles.scan_rows`; a bad row with `input.bad_rows: fail` stops the job
     before any encoding); the rows then stream through encoding and mining and come back to the driver only to be
-    appended to the output file, in input order: the driver holds one batch of rows at a time, whatever the
-    input's size.
+    written, in input order, to the output's parts (`mining.output`): the driver holds one batch of rows at a time,
+    whatever the input's size, and a rerun after a failure mines only the rows no complete part holds.
     """
     import ray
     import ray.data
 
     from diffembed.batch.pipeline import actor_restarts_option
     from diffembed.files import expand_files
+    from diffembed.mining.output import PartsOutput
     from diffembed.models.loading import check_weights, resolve_model_path
     from diffembed.placement import on_this_node
 
@@ -357,52 +323,65 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
         ray.init()
     scanned = scan_rows(files, cfg.input.format, mining_columns, cfg.input.bad_rows,
                         what="bad training row", hint=" (input.bad_rows=skip skips it)")
+    out = PartsOutput(cfg.output, job_digest(cfg, files, scanned), cfg.part_rows, total=len(scanned))
+    resumed = out.resume()
     threads = cfg.encode.torch_threads or max(1, (os.cpu_count() or 1) // cfg.encode.actors)
-    totals = {"rows": 0, "negatives": 0, "short_rows": 0, "dropped": 0, "positive_score": 0.0, "negative_score": 0.0}
-    with actor_restarts_option(), _ordered():
-        rows = ray.data.from_arrow_refs(scanned.blocks_in_order()).map_batches(
-            _good_rows, batch_format="pyarrow", batch_size=None)
-        encoded = rows.map_batches(
-            EncodePairs, fn_constructor_kwargs={"embedder": cfg.embedder.model_dump(mode="json"), "threads": threads},
-            compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors), batch_size=cfg.encode.batch_size,
-            **cfg.encode.ray_remote_args(), max_restarts=cfg.encode.max_restarts, batch_format="numpy",
-        )
-        negatives = cfg.negatives.model_dump(mode="json")
-        if store_cfg is None:
-            encoded = encoded.materialize()  # the pool is every positive: all rows are encoded before any is mined
-            mined = encoded.map_batches(
-                ExactMiner, fn_constructor_kwargs={"negatives": negatives, "encoded_blocks": encoded.to_arrow_refs(),
-                                                   "fetch": cfg.fetch},
-                compute=ray.data.ActorPoolStrategy(size=1), batch_size=cfg.encode.batch_size, num_cpus=0,
-                batch_format="numpy", max_restarts=0,
-            )
-        else:
-            mined = encoded.map_batches(
-                StoreMiner, fn_constructor_kwargs={
-                    "negatives": negatives, "store": store_cfg.model_dump(mode="json"), "mode": cfg.candidates.mode,
-                    "fetch": cfg.fetch, "positive_id_field": cfg.candidates.positive_id_field},
-                compute=ray.data.ActorPoolStrategy(size=cfg.candidates.searchers if store_cfg.url else 1),
-                batch_size=cfg.encode.batch_size, num_cpus=0, batch_format="numpy", max_restarts=0,
-                **({} if store_cfg.url else on_this_node()),  # an embedded store is a folder on this node
-            )
-        with _Output(cfg.output) as out:
-            for batch in mined.iter_batches(batch_size=None, batch_format="numpy"):
-                out.write([str(line) for line in batch["line"]])
-                totals["rows"] += len(batch["line"])
-                totals["negatives"] += int(batch["negatives"].sum())
-                totals["short_rows"] += int((batch["negatives"] < cfg.negatives.per_query).sum())
-                totals["dropped"] += int(batch["dropped"].sum())
-                totals["positive_score"] += float(batch["positive_score"].astype(np.float64).sum())
-                totals["negative_score"] += float(batch["negative_score_sum"].sum())
+    try:
+        with actor_restarts_option(), _ordered():
+            mined = None
+            if resumed < len(scanned):
+                # exact: every row is encoded (the pool is every positive), the rows written before are not mined
+                rows = numbered_rows(scanned, skip=resumed if store_cfg is not None else 0)
+                encoded = rows.map_batches(
+                    EncodePairs, fn_constructor_kwargs={"embedder": cfg.embedder.model_dump(mode="json"),
+                                                        "threads": threads},
+                    compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors), batch_size=cfg.encode.batch_size,
+                    **cfg.encode.ray_remote_args(), max_restarts=cfg.encode.max_restarts, batch_format="numpy",
+                )
+                negatives = cfg.negatives.model_dump(mode="json")
+                if store_cfg is None:
+                    encoded = encoded.materialize()  # the pool is every positive: all rows encoded before any is mined
+                    todo = encoded if not resumed else encoded.map_batches(
+                        _from_position, fn_kwargs={"skip": resumed}, batch_format="numpy", batch_size=None,
+                        num_cpus=0)
+                    mined = todo.map_batches(
+                        ExactMiner, fn_constructor_kwargs={"negatives": negatives, "fetch": cfg.fetch,
+                                                           "encoded_blocks": encoded.to_arrow_refs()},
+                        compute=ray.data.ActorPoolStrategy(size=1), batch_size=cfg.encode.batch_size, num_cpus=0,
+                        batch_format="numpy", max_restarts=0,
+                    )
+                else:
+                    mined = encoded.map_batches(
+                        StoreMiner, fn_constructor_kwargs={
+                            "negatives": negatives, "store": store_cfg.model_dump(mode="json"),
+                            "mode": cfg.candidates.mode, "fetch": cfg.fetch,
+                            "positive_id_field": cfg.candidates.positive_id_field},
+                        compute=ray.data.ActorPoolStrategy(size=cfg.candidates.searchers if store_cfg.url else 1),
+                        batch_size=cfg.encode.batch_size, num_cpus=0, batch_format="numpy", max_restarts=0,
+                        **({} if store_cfg.url else on_this_node()),  # an embedded store is a folder on this node
+                    )
+            for batch in mined.iter_batches(batch_size=None, batch_format="numpy") if mined is not None else ():
+                short = (batch["negatives"] < cfg.negatives.per_query).astype(np.int64)
+                out.write(batch["position"].tolist(), [str(line) for line in batch["line"]], {
+                    "rows": np.ones(len(short), np.int64), "negatives": batch["negatives"], "short_rows": short,
+                    "dropped": batch["dropped"], "negative_score": batch["negative_score_sum"],
+                    "positive_score": batch["positive_score"].astype(np.float64)})
+        out.join()
+    except BaseException:
+        out.abort()  # the complete parts stay: a rerun mines the rest
+        raise
 
+    totals = out.totals()
     summary = {
         "output": cfg.output,
-        "rows": totals["rows"],
-        "negatives": totals["negatives"],
-        "short_rows": totals["short_rows"],  # fewer than per_query survived
-        "dropped_as_false_negatives": totals["dropped"],
-        "mean_positive_score": round(totals["positive_score"] / max(totals["rows"], 1), 4),
-        "mean_negative_score": round(totals["negative_score"] / totals["negatives"], 4) if totals["negatives"] else None,
+        "rows": totals.get("rows", 0),
+        "resumed_rows": resumed,  # written by an earlier, failed run of the same job; not mined again
+        "negatives": totals.get("negatives", 0),
+        "short_rows": totals.get("short_rows", 0),  # fewer than per_query survived
+        "dropped_as_false_negatives": totals.get("dropped", 0),
+        "mean_positive_score": round(totals.get("positive_score", 0.0) / max(totals.get("rows", 0), 1), 4),
+        "mean_negative_score": (round(totals["negative_score"] / totals["negatives"], 4)
+                                if totals.get("negatives") else None),
         "skipped_rows": scanned.bad.count,
         "skipped_examples": scanned.bad.examples[:10],
         "candidates": cfg.candidates.source if store_cfg is None else f"store:{cfg.candidates.mode}",
@@ -415,8 +394,51 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     return summary
 
 
-def _good_rows(table):
-    """The rows `scan_rows` found good, with the columns the stages read."""
-    import pyarrow.compute as pc
+def job_digest(cfg: MineNegativesConfig, files: list[str], scanned) -> str:
+    """What decides the output's rows: the embedding function and model (the collection's fingerprint, as the store
+    checks it), candidates, negatives, and the input (its files and their checked rows). Parts of another digest are
+    never resumed."""
+    from diffembed.batch.pipeline import model_dimension
+    from diffembed.index.fingerprint import embedding_fingerprint
 
-    return table.filter(pc.is_null(table["_reason"])).select(["query", "positive", "instruction", "row"])
+    dim = model_dimension(cfg.embedder)
+    job = {
+        "embedding": embedding_fingerprint(cfg.embedder, dim, "cosine", False),
+        "candidates": cfg.candidates.model_dump(mode="json", exclude={"searchers"}),
+        "negatives": cfg.negatives.model_dump(mode="json"),
+        "input": {"files": files, "format": cfg.input.format, "bad_rows": cfg.input.bad_rows,
+                  "rows": len(scanned), "bad": scanned.bad.count, "examples": scanned.bad.examples},
+    }
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def numbered_rows(scanned, skip: int):
+    """The good rows of the scanned blocks as a dataset in input order, each with its position `_pos` (0 .. N-1),
+    from position `skip` on: a task per block reads it from the object store (nothing passes the driver)."""
+    import ray.data
+
+    firsts = np.flatnonzero(np.r_[True, np.diff(scanned.block) != 0])  # (B,) position of each block's first row
+    ends = np.r_[firsts[1:], len(scanned.block)]  # (B,)
+    plan = [{"block": int(scanned.block[f]), "start": int(f)} for f, e in zip(firsts, ends) if e > skip]
+    return ray.data.from_items(plan).map_batches(
+        _good_rows, fn_kwargs={"blocks": scanned.blocks, "skip": skip}, batch_size=1, batch_format="pyarrow")
+
+
+def _good_rows(plan, blocks: list, skip: int):
+    """The rows `scan_rows` found good in the planned blocks, with the columns the stages read and `_pos`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    out = []
+    for index, start in zip(plan["block"].to_pylist(), plan["start"].to_pylist()):
+        table = ray.get(blocks[index])
+        good = table.filter(pc.is_null(table["_reason"])).select(["query", "positive", "instruction", "row"])
+        good = good.append_column("_pos", pa.array(np.arange(start, start + good.num_rows, dtype=np.int64)))
+        out.append(good.slice(max(0, skip - start)))
+    return pa.concat_tables(out)
+
+
+def _from_position(batch: dict[str, np.ndarray], skip: int) -> dict[str, np.ndarray]:
+    keep = batch["_pos"] >= skip
+    return {key: value[keep] for key, value in batch.items()}
