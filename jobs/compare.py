@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from diffembed.config import ConfigError
+from diffembed.cli import print_config_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,12 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = CompareConfig.from_yaml(args.config, args.overrides)
         for backbone in cfg.backbones:  # every training config is checked before Ray starts
             cfg.train_config(backbone).check_files()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from diffembed.eval.compare import run_compare
+        from diffembed.eval.compare import run_compare
 
-    summary = run_compare(cfg)
+        summary = run_compare(cfg)
+    except Exception as exc:  # a ConfigError here or on the cluster: one line; anything else: its traceback
+        if not print_config_error(exc):
+            raise
+        return 2
     print(open(summary["markdown"]).read())
     print(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2))
     return 0

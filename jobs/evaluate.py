@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from diffembed.config import ConfigError
+from diffembed.cli import print_config_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = EvalConfig.from_yaml(args.config, args.overrides)
         results = run_evaluation(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # a ConfigError here or on the cluster: one line; anything else: its traceback
+        if not print_config_error(exc):
+            raise
         return 2
     if args.json:
         print(json.dumps(results, indent=2))

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from diffembed.config import ConfigError
+from diffembed.cli import print_config_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         from diffembed.train.loop import train
 
         metrics = train(cfg, resume=args.resume)  # bad rows, a taken run directory: ConfigError too
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # a ConfigError here or on the cluster: one line; anything else: its traceback
+        if not print_config_error(exc):
+            raise
         return 2
     print(json.dumps(metrics, indent=2, default=str))
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from diffembed import ConfigError, Embedder
 from diffembed.batch.config import EmbedCorpusConfig
@@ -195,12 +196,32 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         ([f"input.paths=[{tmp_path / 'missing.jsonl'}]"], "missing.jsonl"),
         ([f"input.paths=[{write_lines(tmp_path / 'cols.jsonl', [good])}]", "input.text_column=body"], "body"),
         ([f"input.paths=[{write_lines(tmp_path / 'bad.jsonl', ['{oops'])}]", "input.bad_rows=fail"], "bad.jsonl:1"),
+        # the driver checks the adapter the encoder actors would merge (no adapter_config.json), before Ray starts
+        ([f"input.paths=[{write_lines(tmp_path / 'ok.jsonl', [good])}]", f"embedder.lora_adapter={tmp_path}"],
+         f"LoRA adapter not found: no adapter_config.json in {tmp_path}"),
+        ([f"input.paths=[{tmp_path / 'ok.jsonl'}]", f"embedder.lora_adapter={tmp_path / 'nowhere'}"],
+         "LoRA adapter not found"),
     ]
     for overrides, needle in cases:
         proc = run_job(*overrides, f"store.path={tmp_path / 'q'}")
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], (overrides, proc.stderr[-2000:])
     assert not (tmp_path / "q" / "collection").exists()  # nothing was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_what_the_encoder_node_cannot_run_is_one_line(tmp_path):
+    """Only an encoder actor can find out that its node cannot run the model (here: `device: cuda` where there is no
+    CUDA; likewise bf16 on an old GPU, flash-attn missing, no checkpoint at that path on that node). The job exits 2
+    with that reason as its one `error:` line, naming the node: not a Ray traceback (the actor's constructor failing
+    was reported as an internal Ray error, ~150 lines and exit 1)."""
+    corpus = write_lines(tmp_path / "c.jsonl", [json.dumps({"id": "a", "text": "hello", "title": "t"})])
+    proc = run_job(f"input.paths=[{corpus}]", f"store.path={tmp_path / 'q'}", "embedder.device=cuda",
+                   "summary_path=null")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors and errors[-1].startswith(
+        "error: device cuda requested but CUDA is not available on this machine (raised on node "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 JOB_MAIN = runpy.run_path(str(ROOT / "jobs" / "embed_corpus.py"))["main"]

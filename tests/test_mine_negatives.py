@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from diffembed import ConfigError
 from diffembed.mining.config import MineNegativesConfig, NegativesConfig
@@ -114,6 +115,22 @@ def test_a_bad_row_stops_the_job_before_any_encoding_in_one_line(ray_cluster, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"error: {bad}:2: bad training row: missing or empty 'positive' "
                                  "(input.bad_rows=skip skips it)"], err
+    assert not list(tmp_path.glob("out.jsonl*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_what_the_encoder_node_cannot_run_is_one_line(ray_cluster, capsys, tmp_path):
+    """An encoder actor's load failing on its node (`device: cuda` without CUDA) is the job's one error line, exit 2,
+    and leaves no output or parts behind."""
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "jobs" / "mine_negatives.py"))["main"]
+    pairs = write_jsonl(tmp_path / "a.jsonl", stdlib_pairs(3))
+    code = main(["--config", str(ROOT / "jobs" / "configs" / "mine_exact.yaml"), f"input.files=[{pairs}]",
+                 f"output={tmp_path}/out.jsonl", "embedder.device=cuda", "summary_path=null"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: device cuda requested but CUDA is not available on this machine"
+                                            " (raised on node "), err
     assert not list(tmp_path.glob("out.jsonl*"))
 
 

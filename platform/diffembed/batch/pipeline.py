@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from diffembed.batch.config import EmbedCorpusConfig
+from diffembed.batch.stage import EncoderStage
 from diffembed.config import EmbedderConfig
 from diffembed.index.config import StoreConfig
 
@@ -133,23 +134,16 @@ class ResumeFilter:
 # ------------------------------------------------------------------------------------------ encode and write
 
 
-class EncodeActor:
-    """A Ray Data actor: loads the Embedder once, turns a batch of documents into one row per stored point
-    (per document, or per window / chunk under the `best` / `late_chunk` document policies); a point's vector
-    is (D,), or (K, D) for a multivector embedder (`mask_vectors: multi`).
+class EncodeActor(EncoderStage):
+    """A Ray Data actor: loads the Embedder once (`EncoderStage`), turns a batch of documents into one row per
+    stored point (per document, or per window / chunk under the `best` / `late_chunk` document policies); a point's
+    vector is (D,), or (K, D) for a multivector embedder (`mask_vectors: multi`).
 
     Rows that cannot be embedded come out as one marker row (`chunk_index` -1, `skip` set) so they are counted.
     """
 
     def __init__(self, embedder: dict[str, Any], threads: int, simulated_batch_s: float = 0.0):
-        import torch
-
-        from diffembed.models.embedder import Embedder
-
-        # Ray pins an actor to OMP_NUM_THREADS=num_cpus (1): on CPU the encoder would use one core while the
-        # rest of the pipeline (reading, writing) needs next to none. Give torch the cores we were told to.
-        torch.set_num_threads(threads)
-        self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
+        super().__init__(embedder, threads)
         self.simulated_batch_s = simulated_batch_s  # bench/embed_corpus_scaling.py's stand-in for a GPU's time
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -327,12 +321,12 @@ def embed_corpus(cfg: EmbedCorpusConfig, progress: bool = True) -> dict[str, Any
     from diffembed.batch.scan import assign_drops, scan_corpus
     from diffembed.index.fingerprint import embedding_fingerprint
     from diffembed.index.store import open_store
-    from diffembed.models.loading import check_weights, resolve_model_path
+    from diffembed.models.loading import check_model
     from diffembed.placement import on_this_node
 
     started = time.perf_counter()
     units = plan_units(cfg.input)  # validates inputs and columns before anything is written (or torch imported)
-    check_weights(resolve_model_path(cfg.embedder.model))  # a damaged checkpoint: one line now, not actor tracebacks
+    check_model(cfg.embedder)  # a damaged checkpoint or adapter: one line now, not actor tracebacks
     dim = model_dimension(cfg.embedder)
     fingerprint = embedding_fingerprint(cfg.embedder, dim, cfg.store.distance, cfg.store.sparse)
     if not ray.is_initialized():

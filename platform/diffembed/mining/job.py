@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from diffembed.config import ConfigError, EmbedderConfig
+from diffembed.batch.stage import EncoderStage
+from diffembed.config import ConfigError
 from diffembed.index.config import StoreConfig
 from diffembed.mining.config import MineNegativesConfig, NegativesConfig
 from diffembed.rowfiles import json_column, scan_rows
@@ -124,17 +125,9 @@ def mining_columns(row: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ the Ray Data stages
 
 
-class EncodePairs:
-    """A Ray Data actor: loads the Embedder once; each row's query vector (with its instruction) and positive vector
-    (one `first` window, as training embeds it), unit length."""
-
-    def __init__(self, embedder: dict[str, Any], threads: int):
-        import torch
-
-        from diffembed.models.embedder import Embedder
-
-        torch.set_num_threads(threads)  # Ray pins an actor to one thread otherwise (see the batch job)
-        self.embedder = Embedder(EmbedderConfig.model_validate(embedder))
+class EncodePairs(EncoderStage):
+    """A Ray Data actor: loads the Embedder once (`EncoderStage`); each row's query vector (with its instruction)
+    and positive vector (one `first` window, as training embeds it), unit length."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb = self.embedder
@@ -312,12 +305,12 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     from diffembed.batch.pipeline import actor_restarts_option
     from diffembed.files import expand_files
     from diffembed.mining.output import PartsOutput
-    from diffembed.models.loading import check_weights, resolve_model_path
+    from diffembed.models.loading import check_model
     from diffembed.placement import on_this_node
 
     started = time.perf_counter()
     files = expand_files(cfg.input.files, "input.files", folders=False)
-    check_weights(resolve_model_path(cfg.embedder.model))  # a damaged checkpoint: one line now, not actor tracebacks
+    check_model(cfg.embedder)  # a damaged checkpoint or adapter: one line now, not actor tracebacks
     store_cfg = check_collection(cfg) if cfg.candidates.source == "store" else None
     if not ray.is_initialized():
         ray.init()

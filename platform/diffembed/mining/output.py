@@ -173,7 +173,12 @@ class PartsOutput:
         self.fs.delete_dir(self.folder)
 
     def abort(self) -> None:
-        """A failed run: the part being written is dropped, the complete ones stay for a rerun."""
+        """A failed run: the part being written is dropped, the complete ones stay for a rerun (no folder is left
+        when there are none)."""
+        if not self.parts:
+            self._stream = None if self._stream is None else self._close_quietly()
+            self.fs.delete_dir(self.folder)
+            return
         if self._stream is not None:
             try:
                 self._stream.close()  # an object store: the upload completes under a name a rerun removes
@@ -207,6 +212,12 @@ class PartsOutput:
         except (OSError, ValueError):
             return None
         return value if isinstance(value, dict) else None
+
+    def _close_quietly(self) -> None:
+        try:
+            self._stream.close()
+        except OSError:
+            pass
 
     def _delete_quietly(self, path: str) -> None:
         try:

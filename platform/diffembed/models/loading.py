@@ -172,6 +172,23 @@ def check_weights(path: Path) -> None:
                               "incomplete: copy or download it again") from exc
 
 
+def check_model(cfg: EmbedderConfig) -> Path:
+    """What a job's driver checks before it starts the actors that load the model: the checkpoint resolves and its
+    weights are whole (`check_weights`), and a LoRA adapter, when set, is a peft adapter folder with whole weights.
+    Returns the checkpoint's folder."""
+    path = resolve_model_path(cfg.model)
+    check_weights(path)
+    if cfg.lora_adapter:
+        adapter = Path(cfg.lora_adapter).expanduser()
+        if not (adapter / "adapter_config.json").is_file():
+            raise ConfigError(f"LoRA adapter not found: no adapter_config.json in {adapter}")
+        if (adapter / "adapter_model.safetensors").is_file():
+            check_weights(adapter)
+        elif not (adapter / "adapter_model.bin").is_file():
+            raise ConfigError(f"LoRA adapter {adapter} has no adapter_model.safetensors (or .bin) weights")
+    return path
+
+
 def resolve_family(cfg: EmbedderConfig, raw: dict[str, Any], path: Path) -> FamilySpec:
     return get_family(cfg.family) if cfg.family else detect_family(raw, str(path))
 
