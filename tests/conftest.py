@@ -65,6 +65,10 @@ from s3 import configure_environment, s3_bucket, s3_server  # noqa: E402,F401 (f
 
 configure_environment(RUN_DIR)  # the loopback S3 endpoint, before anything starts Ray (its workers copy this env)
 
+from hub import configure_hub_environment, hub, hub_server  # noqa: E402,F401
+
+configure_hub_environment()  # the loopback hub's endpoint, before huggingface_hub is imported
+
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 

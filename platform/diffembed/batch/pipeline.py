@@ -243,7 +243,7 @@ def model_dimension(cfg: EmbedderConfig) -> int:
     """The output size, read from config.json so the driver never loads the (possibly 7B) model."""
     from diffembed.models.loading import read_json, resolve_model_path
 
-    raw = read_json(resolve_model_path(cfg.model) / "config.json")
+    raw = read_json(resolve_model_path(cfg.model, weights=False) / "config.json")
     width = raw.get("hidden_size") or raw.get("d_model")
     return int(cfg.dimensions or width)
 

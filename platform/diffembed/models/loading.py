@@ -86,8 +86,22 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
 
 
-def resolve_model_path(name: str) -> Path:
-    """A local checkpoint directory for `name`: itself, the packaged MiniLM, or a hub snapshot."""
+# What a hub model is downloaded as (a snapshot's files); the same files make its fingerprint digest.
+HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
+WEIGHT_FILES = ("*.safetensors",)
+
+
+def hub_repo(name: str) -> str | None:
+    """The hub repository `name` names, or None for the packaged MiniLM, a tiny checkpoint or a local folder."""
+    if name.lower() in PACKAGED_MINILM or name.startswith("tiny:") or Path(name).expanduser().is_dir():
+        return None
+    return name if _looks_like_hub_id(name) else None
+
+
+def resolve_model_path(name: str, weights: bool = True) -> Path:
+    """A local checkpoint directory for `name`: itself, the packaged MiniLM, or a hub snapshot. `weights=False`
+    downloads a hub model's snapshot without its weights (config and tokenizer files): what a job's driver reads
+    about a model it never loads, so a 7B hub model is not downloaded to a small head node."""
     if name.lower() in PACKAGED_MINILM:
         return packaged_minilm_path()
     if name.startswith("tiny:"):
@@ -99,12 +113,11 @@ def resolve_model_path(name: str) -> Path:
         return path.resolve()
     if not _looks_like_hub_id(name):
         raise ConfigError(f"model not found: no checkpoint directory at {path}")
+    patterns = [p for p in HUB_FILES if weights or p not in WEIGHT_FILES]
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(
-            repo_id=name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
-        )
+        local = snapshot_download(repo_id=name, allow_patterns=patterns)
     except Exception as exc:  # offline, unknown repo, auth: all mean "not available here"
         raise ConfigError(
             f"model not found: {name!r} is not a local directory and the hub download failed "
@@ -175,9 +188,10 @@ def check_weights(path: Path) -> None:
 def check_model(cfg: EmbedderConfig) -> Path:
     """What a job's driver checks before it starts the actors that load the model: the checkpoint resolves and its
     weights are whole (`check_weights`), and a LoRA adapter, when set, is a peft adapter folder with whole weights.
-    Returns the checkpoint's folder."""
-    path = resolve_model_path(cfg.model)
-    check_weights(path)
+    Returns the checkpoint's folder (a hub model's without its weights: the driver never loads them)."""
+    path = resolve_model_path(cfg.model, weights=False)
+    if hub_repo(cfg.model) is None:  # a hub download is checked as it is made, where the model is loaded
+        check_weights(path)
     if cfg.lora_adapter:
         adapter = Path(cfg.lora_adapter).expanduser()
         if not (adapter / "adapter_config.json").is_file():
@@ -360,7 +374,7 @@ def resolve_embedding_function(cfg: EmbedderConfig) -> dict[str, Any]:
     """The resolved embedding function of `cfg` (what `Embedder(cfg).config.embedding_function()` gives) from
     config.json and the tokenizer alone: no weights are loaded (a job's driver may sit on a small head node)."""
     cfg = with_saved_config(cfg)
-    path = resolve_model_path(cfg.model)
+    path = resolve_model_path(cfg.model, weights=False)
     raw = read_json(path / "config.json")
     family = resolve_family(cfg, raw, path)
     attention = resolve_attention(cfg, family)

@@ -84,7 +84,7 @@ def base_dtype(embedder: EmbedderConfig) -> str:
     fp32 when it names none."""
     from diffembed.models.loading import read_json, resolve_model_path
 
-    raw = read_json(resolve_model_path(embedder.model) / "config.json")
+    raw = read_json(resolve_model_path(embedder.model, weights=False) / "config.json")
     return DTYPE_NAMES.get(str(raw.get("dtype") or raw.get("torch_dtype") or "float32"), "fp32")
 
 
