@@ -208,6 +208,22 @@ def test_train_cli_data_and_run_directory_errors_are_one_line(ray_cluster, capsy
                                                "optim.max_steps)"), err
 
 
+def test_what_the_workers_cannot_run_is_one_line_without_retries(ray_cluster, capsys, tmp_path, tiny_checkpoints):
+    """Only the training workers can find out that their nodes cannot run the model (here flash-attn, not installed;
+    likewise no CUDA, bf16 on an old GPU, no checkpoint at that path on a node). The two ranks agree on it and the
+    job exits 2 with that reason as its one line, after one attempt: raised as a worker failure, it was retried
+    `run.max_failures` times, reloading the model on every rank each time."""
+    assert TRAIN_MAIN(["--config", str(TINY), f"embedder.model={tiny_checkpoints['dream']}",
+                       f"run.storage_path={tmp_path}", "run.num_workers=2", "run.max_failures=2",
+                       "deepspeed.enabled=false", "embedder.attn_implementation=flash_attention_2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # "raised on node": the ranks' agreed report (a worker failure, retried, ends as WorkerGroupError without it)
+    assert len(err) == 1 and err[0].startswith(
+        "error: attn_implementation flash_attention_2 needs the flash-attn package, which is not installed; use sdpa "
+        "(the default) (raised on node "), err
+    assert not list((tmp_path / "train-tiny").glob("checkpoint_*"))
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 

@@ -13,11 +13,13 @@ import contextlib
 import os
 from typing import Any
 
+from diffembed.config import ConfigError
 from diffembed.train import rundir, storage
 from diffembed.train.checkpoints import latest_checkpoint
 from diffembed.train.config import TrainConfig
 from diffembed.train.deepspeed import check_zero_options
-from diffembed.train.worker import build_trainable, train_loop_per_worker  # noqa: F401  (build_trainable: bench)
+from diffembed.train.worker import build_trainable  # noqa: F401  (bench/)
+from diffembed.train.worker import train_loop_per_worker
 
 
 # Ray Train's controller polls the workers this often; each `ray.train.report` waits for the previous report to be
@@ -65,6 +67,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     check_zero_options(cfg)
     if rundir.claim(cfg, resume):
         print(f"continuing run {cfg.run_uri}: this config started it (Ray Train restores its latest checkpoint)")
+    rundir.take_config_error(cfg)  # one left by a driver that died before reading it is not this run's
     if not ray.is_initialized():
         ray.init()
     plan = build_plan(cfg)
@@ -97,6 +100,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     # the call only, so that a later Ray Train run in this process polls at its own setting.
     with _environ(REPORT_POLL_ENV, str(cfg.run.report_poll_s)):
         result = trainer.fit()
+    problem = rundir.take_config_error(cfg)  # the workers' nodes could not run the model (load_on_every_rank)
+    if problem:
+        raise ConfigError(problem)
     metrics = dict(result.metrics or {})
     export = export_remote(cfg, result.checkpoint, runtime_env={"env_vars": env})
     metrics["export_dir"] = export

@@ -69,3 +69,26 @@ def claim(cfg: TrainConfig, resume: str | None = None) -> bool:
     with fs.open_output_stream(record) as f:
         f.write(json.dumps(mine, indent=1, sort_keys=True).encode())
     return False
+
+
+FAILED = "diffembed_config_error.json"  # what the workers could not run (see worker.load_on_every_rank)
+
+
+def record_config_error(cfg: TrainConfig, message: str) -> None:
+    """Rank 0 records why the workers could not load the model: the driver raises it (`take_config_error`)."""
+    fs, path = storage.filesystem(cfg.run_uri)
+    with fs.open_output_stream(f"{path}/{FAILED}") as f:
+        f.write(json.dumps({"error": message}).encode())
+
+
+def take_config_error(cfg: TrainConfig) -> str | None:
+    """The message `record_config_error` left in the run directory (removed as it is read), or None."""
+    from pyarrow.fs import FileType
+
+    fs, path = storage.filesystem(cfg.run_uri)
+    if fs.get_file_info(f"{path}/{FAILED}").type != FileType.File:
+        return None
+    with fs.open_input_stream(f"{path}/{FAILED}") as f:
+        message = json.loads(f.read()).get("error")
+    fs.delete_file(f"{path}/{FAILED}")
+    return message

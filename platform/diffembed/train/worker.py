@@ -100,12 +100,42 @@ def make_loss(cfg: TrainConfig, width: int, gather: bool):
     return partial(matryoshka_info_nce, dims=dims, weights=weights, scale=cfg.loss.scale, gather=gather)
 
 
+def load_on_every_rank(cfg: TrainConfig, device, world: int):
+    """This rank's Embedder, or None when any rank could not load it for a reason of the config's (what its node
+    cannot run: no CUDA, bf16 unsupported, flash-attn missing, no checkpoint at that path on that node). The ranks
+    agree on the outcome (one all-gather); then rank 0 records the first such error in the run directory
+    (`rundir.record_config_error`) and every rank returns: the driver raises it as a ConfigError. Raised here
+    instead, it would be a worker failure, which Ray Train retries `run.max_failures` times (reloading the model on
+    every rank each time) although the config, not the cluster, is at fault."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    from diffembed.config import ConfigError
+    from diffembed.models.embedder import Embedder
+    from diffembed.train.rundir import record_config_error
+
+    embedder, problem = None, None
+    try:
+        embedder = Embedder(cfg.embedder.model_copy(update={"device": str(device), "compile": False}))
+    except ConfigError as exc:
+        problem = f"{' '.join(str(exc).split())} (raised on node {ray.util.get_node_ip_address()})"
+    problems = [problem]
+    if world > 1 and dist.is_initialized():
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), None)
+    if first is None:
+        return embedder
+    if ray.train.get_context().get_world_rank() == 0:
+        record_config_error(cfg, first)
+    return None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import torch
-
-    from diffembed.models.embedder import Embedder
 
     from diffembed.train.data import StepRows
 
@@ -119,7 +149,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # compile is an inference setting: a compiled module would wrap the model object as built here, while the dev
     # evaluation below must run the one DeepSpeed trains (`embedder.model` is replaced; ZeRO-3 partitions it).
-    embedder = Embedder(cfg.embedder.model_copy(update={"device": str(device), "compile": False}))
+    embedder = load_on_every_rank(cfg, device, world)
+    if embedder is None:
+        return
     loss_fn = make_loss(cfg, embedder.dimension, cfg.loss.gather_across_workers and world > 1)
     model = build_trainable(embedder, cfg)
     engine = make_backend(cfg, model, device, world)
