@@ -108,28 +108,19 @@ def _handler(hub: LoopbackHub):
 
         def _serve(self, head: bool) -> None:
             path = unquote(urlparse(self.path).path)
-            api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
-            if api:
+            api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree)/[^/]+(?:/.*)?)?", path)
+            if api:  # the repository's info (with its files) or its file tree
                 folder = hub.repos.get(api.group(1))
                 if folder is None:
                     return self._json(404, {"error": "Repository not found"})
                 hub.requests.append(Request(self.command, api.group(1), "", None))
-                siblings = [{"rfilename": p.relative_to(folder).as_posix(), "size": p.stat().st_size}
-                            for p in _files(folder)]
-                return self._json(200, {"id": api.group(1), "modelId": api.group(1), "sha": COMMIT,
-                                        "siblings": siblings, "private": False})
-            tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
-            if tree:
-                folder = hub.repos.get(tree.group(1))
-                if folder is None:
-                    return self._json(404, {"error": "Repository not found"})
-                hub.requests.append(Request(self.command, tree.group(1), "", None))
-                entries = []
-                for p in _files(folder):
-                    digest = hashlib.sha1(p.read_bytes()).hexdigest()
-                    entries.append({"type": "file", "oid": digest, "size": p.stat().st_size,
-                                    "path": p.relative_to(folder).as_posix()})
-                return self._json(200, entries)
+                files = [(p.relative_to(folder).as_posix(), p.stat().st_size, p) for p in _files(folder)]
+                if api.group(2) == "tree":
+                    return self._json(200, [{"type": "file", "path": name, "size": size,
+                                             "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+                                            for name, size, p in files])
+                return self._json(200, {"id": api.group(1), "modelId": api.group(1), "sha": COMMIT, "private": False,
+                                        "siblings": [{"rfilename": name, "size": size} for name, size, _ in files]})
             resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
             folder = hub.repos.get(resolve.group(1)) if resolve else None
             if folder is None or not (folder / resolve.group(3)).is_file():
