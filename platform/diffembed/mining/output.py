@@ -175,18 +175,13 @@ class PartsOutput:
     def abort(self) -> None:
         """A failed run: the part being written is dropped, the complete ones stay for a rerun (no folder is left
         when there are none)."""
-        if not self.parts:
-            self._stream = None if self._stream is None else self._close_quietly()
-            self.fs.delete_dir(self.folder)
-            return
         if self._stream is not None:
-            try:
-                self._stream.close()  # an object store: the upload completes under a name a rerun removes
-            except OSError:
-                pass
+            self._close_quietly()  # an object store: the upload completes under a name a rerun removes
             self._stream = None
             # a local temporary file, or an upload that completed as it closed: without its .json it is no part
             self._delete_quietly(self._tmp or f"{self.folder}/{self._name(self._start, self._end, 'jsonl')}")
+        if not self.parts:
+            self.fs.delete_dir(self.folder)
 
     # ---------------------------------------------------------------------------------------------- files
 
