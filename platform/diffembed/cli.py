@@ -73,15 +73,15 @@ def config_error_line(exc: BaseException) -> str | None:
         seen.add(id(err))
         cause = getattr(err, "cause", None)
         if isinstance(cause, ConfigError):  # a RayTaskError: the original, pickled back; its text names the node
-            return _with_node(str(cause), getattr(err, "ip", None) or _node_in(str(err)))
+            return with_node(str(cause), getattr(err, "ip", None) or _node_in(str(err)))
         if isinstance(err, ConfigError) and not hasattr(err, "traceback_str"):
-            return " ".join(str(err).split())
+            return with_node(str(err), None)
         if type(err).__module__.startswith("ray."):  # only a traceback's text left: its last ConfigError line
             text = str(err)
             found = [line.split(": ", 1)[1] for line in text.splitlines()
                      if line.split(": ", 1)[0].strip() in names and ": " in line]
             if found:
-                return _with_node(found[-1], _node_in(text))
+                return with_node(found[-1], _node_in(text))
         failures = getattr(err, "worker_failures", None)
         todo.extend([err.__cause__, err.__context__, cause if isinstance(cause, BaseException) else None,
                      *(failures.values() if isinstance(failures, dict) else ())])
@@ -93,6 +93,7 @@ def _node_in(text: str) -> str | None:
     return found.group(1) if found else None
 
 
-def _with_node(message: str, ip: str | None) -> str:
+def with_node(message: str, ip: str | None) -> str:
+    """A ConfigError's message on one line, naming the node it was raised on (when known)."""
     message = " ".join(message.split())
     return f"{message} (raised on node {ip})" if ip else message

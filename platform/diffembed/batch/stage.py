@@ -14,7 +14,7 @@ class EncoderStage:
     needs next to none).
 
     A ConfigError while loading (what this node cannot run: no CUDA, bf16 unsupported, flash-attn missing, no
-    checkpoint at this path on this node) is kept and raised by `embedder_or_error` on the stage's first batch. Ray
+    checkpoint at this path on this node) is kept and raised by `embedder` on the stage's first batch. Ray
     Data reports an error raised by a batch as the user's, and the job's CLI prints it as one line
     (`diffembed.cli`); an actor whose constructor raises is reported as an internal Ray failure, with some 150 lines
     of traceback and a request to file a Ray issue."""

@@ -230,10 +230,10 @@ class StoreMiner(_Miner):
 # ------------------------------------------------------------------------------------------ the job
 
 
-def check_collection(cfg: MineNegativesConfig) -> StoreConfig:
+def check_collection(cfg: MineNegativesConfig, dim: int) -> tuple[StoreConfig, dict[str, Any]]:
     """The collection as mining opens it (BM25 vectors on when it has them), checked on the driver: it exists, holds
-    points with their text, and was embedded by `cfg.embedder` (size, distance, embedding function)."""
-    from diffembed.batch.pipeline import model_dimension
+    points with their text, and was embedded by `cfg.embedder` (size, distance, embedding function); with the
+    embedding fingerprint it was checked against."""
     from diffembed.index.fingerprint import embedding_fingerprint
     from diffembed.index.store import open_store
 
@@ -248,16 +248,16 @@ def check_collection(cfg: MineNegativesConfig) -> StoreConfig:
         raise ConfigError(f"candidates.mode={mode} needs a collection with BM25 vectors (batch job: store.sparse: "
                           f"true); {store_cfg.collection!r} has none")
     store_cfg = store_cfg.model_copy(update={"sparse": sparse})
-    dim = model_dimension(cfg.embedder)
+    fingerprint = embedding_fingerprint(cfg.embedder, dim, store_cfg.distance, sparse)
     with open_store(store_cfg) as store:
-        store.ensure_collection(dim, embedding_fingerprint(cfg.embedder, dim, store_cfg.distance, sparse))
+        store.ensure_collection(dim, fingerprint)
         first = next(iter(store.iter_points(batch_size=1)), [])
         if not first:
             raise ConfigError(f"collection {store_cfg.collection!r} is empty")
         if not isinstance(first[0].payload.get("text"), str):
             raise ConfigError(f"collection {store_cfg.collection!r} keeps no document text (it was embedded with "
                               "store.store_text: false); mining needs it: re-embed with store_text: true")
-    return store_cfg
+    return store_cfg, fingerprint
 
 
 def _pool(blocks: list) -> tuple[np.ndarray, list[str]]:
@@ -302,8 +302,9 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from diffembed.batch.pipeline import actor_restarts_option
+    from diffembed.batch.pipeline import actor_restarts_option, model_dimension
     from diffembed.files import expand_files
+    from diffembed.index.fingerprint import embedding_fingerprint
     from diffembed.mining.output import PartsOutput
     from diffembed.models.loading import check_model
     from diffembed.placement import on_this_node
@@ -311,12 +312,17 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     started = time.perf_counter()
     files = expand_files(cfg.input.files, "input.files", folders=False)
     check_model(cfg.embedder)  # a damaged checkpoint or adapter: one line now, not actor tracebacks
-    store_cfg = check_collection(cfg) if cfg.candidates.source == "store" else None
+    dim = model_dimension(cfg.embedder)
+    store_cfg = None
+    if cfg.candidates.source == "store":
+        store_cfg, fingerprint = check_collection(cfg, dim)
+    else:
+        fingerprint = embedding_fingerprint(cfg.embedder, dim, "cosine", False)
     if not ray.is_initialized():
         ray.init()
     scanned = scan_rows(files, cfg.input.format, mining_columns, cfg.input.bad_rows,
                         what="bad training row", hint=" (input.bad_rows=skip skips it)")
-    out = PartsOutput(cfg.output, job_digest(cfg, files, scanned), cfg.part_rows, total=len(scanned))
+    out = PartsOutput(cfg.output, job_digest(cfg, fingerprint, files, scanned), cfg.part_rows, total=len(scanned))
     resumed = out.resume()
     threads = cfg.encode.torch_threads or max(1, (os.cpu_count() or 1) // cfg.encode.actors)
     try:
@@ -387,16 +393,12 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     return summary
 
 
-def job_digest(cfg: MineNegativesConfig, files: list[str], scanned) -> str:
-    """What decides the output's rows: the embedding function and model (the collection's fingerprint, as the store
-    checks it), candidates, negatives, and the input (its files and their checked rows). Parts of another digest are
-    never resumed."""
-    from diffembed.batch.pipeline import model_dimension
-    from diffembed.index.fingerprint import embedding_fingerprint
-
-    dim = model_dimension(cfg.embedder)
+def job_digest(cfg: MineNegativesConfig, fingerprint: dict[str, Any], files: list[str], scanned) -> str:
+    """What decides the output's rows: the embedding function and model (`fingerprint`, the driver's one
+    computation of it), candidates, negatives, and the input (its files and their checked rows). Parts of another
+    digest are never resumed."""
     job = {
-        "embedding": embedding_fingerprint(cfg.embedder, dim, "cosine", False),
+        "embedding": fingerprint,
         "candidates": cfg.candidates.model_dump(mode="json", exclude={"searchers"}),
         "negatives": cfg.negatives.model_dump(mode="json"),
         "input": {"files": files, "format": cfg.input.format, "bad_rows": cfg.input.bad_rows,

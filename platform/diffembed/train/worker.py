@@ -111,6 +111,7 @@ def load_on_every_rank(cfg: TrainConfig, device, world: int):
     import ray.train
     import torch.distributed as dist
 
+    from diffembed.cli import with_node
     from diffembed.config import ConfigError
     from diffembed.models.embedder import Embedder
     from diffembed.train.rundir import record_config_error
@@ -119,7 +120,7 @@ def load_on_every_rank(cfg: TrainConfig, device, world: int):
     try:
         embedder = Embedder(cfg.embedder.model_copy(update={"device": str(device), "compile": False}))
     except ConfigError as exc:
-        problem = f"{' '.join(str(exc).split())} (raised on node {ray.util.get_node_ip_address()})"
+        problem = with_node(str(exc), ray.util.get_node_ip_address())
     problems = [problem]
     if world > 1 and dist.is_initialized():
         problems = [None] * world
