@@ -15,7 +15,7 @@ import pytest
 
 from diffembed import Embedder, EmbedderConfig
 from diffembed.train.config import TrainConfig
-from diffembed.train.checkpoints import PROBE_FILE
+from diffembed.train.checkpoints import METRICS_FILE, PROBE_FILE
 from diffembed.train.deepspeed import SHM_COMM_OP
 from diffembed.train.loop import REPORT_POLL_ENV, train
 
@@ -206,6 +206,9 @@ def test_train_cli_data_and_run_directory_errors_are_one_line(ray_cluster, capsy
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'train-tiny'} already holds run 'train-tiny' "
                                                "with another config (differs in: data.bad_rows, data.train_files, "
                                                "optim.max_steps)"), err
+    assert TRAIN_MAIN([*common, "--resume", str(tmp_path / "nowhere")]) == 2  # neither a run nor a checkpoint
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --resume: no checkpoint_* directories in {tmp_path / 'nowhere'} (nor is it one)"], err
 
 
 def test_what_the_workers_cannot_run_is_one_line_without_retries(ray_cluster, capsys, tmp_path, tiny_checkpoints):
@@ -233,30 +236,33 @@ def probe_of(checkpoint_dir) -> np.ndarray:
 
 
 def test_resume_an_earlier_run(ray_cluster, tmp_path, tiny_checkpoints):
-    """--resume continues from an earlier run's latest checkpoint, which holds the LoRA adapter and its optimizer
-    state but none of the frozen base weights, and ends where one uninterrupted run ends."""
+    """--resume continues an earlier run from one of its checkpoints (here the step-4 one of an 8-step run; a run
+    directory means its latest: test_uri_storage_path_trains_exports_and_resumes), which holds the LoRA adapter and
+    its optimizer state but none of the frozen base weights, and ends where the uninterrupted run ended."""
     import torch
 
-    same = ["lora.r=2", "lora.alpha=4", "lora.dropout=0", "optim.schedule=constant", "run.checkpoint_every=4"]
-    first = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=4", *same)
-    assert train(first)["step"] == 4
-    [ckpt] = [p for p in first.run_dir.glob("checkpoint_*") if p.is_dir()]
-    module = torch.load(ckpt / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    same = ["lora.r=2", "lora.alpha=4", "lora.dropout=0", "optim.schedule=constant", "run.checkpoint_every=4",
+            "optim.max_steps=8"]
+    straight = tiny_config(tmp_path, tiny_checkpoints, "run.name=train-tiny-straight", *same)
+    reference = train(straight)
+    assert reference["step"] == 8
+    steps = {json.loads((p / METRICS_FILE).read_text())["step"]: p
+             for p in straight.run_dir.glob("checkpoint_*") if p.is_dir()}
+    assert sorted(steps) == [4, 8]  # run.keep_checkpoints: 2
+    module = torch.load(steps[4] / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert module and all("lora_" in name for name in module), sorted(module)[:4]  # no frozen weight saved
     base = sum(f.stat().st_size for f in Path(tiny_checkpoints["dream"]).glob("*.safetensors"))
     # DeepSpeed's files (beside them: its ~40 kB conversion scripts, metrics, history), against the base's weights.
-    assert dir_bytes(ckpt / "ds") < 0.25 * base, (dir_bytes(ckpt / "ds"), base)
+    assert dir_bytes(steps[4] / "ds") < 0.25 * base, (dir_bytes(steps[4] / "ds"), base)
 
-    longer = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=8", "run.name=train-tiny-more", *same)
-    metrics = train(longer, resume=str(first.run_dir))
+    again = tiny_config(tmp_path, tiny_checkpoints, "run.name=train-tiny-again", *same)
+    metrics = train(again, resume=str(steps[4]))
     assert metrics["step"] == 8 and metrics["attempt"] == 1  # continued from step 4, did not start over
-    assert [h["step"] for h in history(longer)] == list(range(1, 9))
-    straight = tiny_config(tmp_path, tiny_checkpoints, "optim.max_steps=8", "run.name=train-tiny-straight", *same)
-    reference = train(straight)
+    assert [h["step"] for h in history(again)] == list(range(1, 9))
     np.testing.assert_allclose(probe_of(metrics["checkpoint_dir"]), probe_of(reference["checkpoint_dir"]),
                                atol=2e-4)
     losses = {h["step"]: h["loss"] for h in history(straight)}
-    assert all(abs(h["loss"] - losses[h["step"]]) < 1e-4 for h in history(longer)), (history(longer), losses)
+    assert all(abs(h["loss"] - losses[h["step"]]) < 1e-4 for h in history(again)), (history(again), losses)
 
 
 def test_uri_storage_path_trains_exports_and_resumes(ray_cluster, tmp_path, tiny_checkpoints, s3_bucket):

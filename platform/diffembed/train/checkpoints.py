@@ -108,19 +108,26 @@ def report(engine, metrics: dict[str, Any], save: bool, attempt: int, rank: int,
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def latest_checkpoint(run_dir: str):
-    """The newest Ray checkpoint of an earlier run (`<storage_path>/<name>`, a local path or a URI), as a
-    `ray.train.Checkpoint` on that location's filesystem."""
+def resume_checkpoint(location: str):
+    """The checkpoint `--resume` continues from, as a `ray.train.Checkpoint` on its location's filesystem (a local
+    path or a URI): `location` itself when it is one checkpoint directory (`<run>/checkpoint_*`, holding
+    metrics.json: to go back to an earlier one than the last), else the newest checkpoint of that earlier run's
+    directory (`<storage_path>/<name>`)."""
     import ray.train
+    from pyarrow.fs import FileType
 
     from diffembed.config import ConfigError
 
     try:
-        found = storage.list_dirs(run_dir, CHECKPOINT_PREFIX)
+        fs, path = storage.filesystem(location)
+        if (Path(path).name.startswith(CHECKPOINT_PREFIX)
+                and fs.get_file_info(f"{path}/{METRICS_FILE}").type == FileType.File):
+            return ray.train.Checkpoint(path, filesystem=fs)
+        found = storage.list_dirs(location, CHECKPOINT_PREFIX)
     except (OSError, ValueError) as exc:  # an unknown scheme, unreachable store, not a directory
-        raise ConfigError(f"--resume: cannot list {run_dir}: {exc}") from exc
+        raise ConfigError(f"--resume: cannot list {location}: {exc}") from exc
     if not found:
-        raise ConfigError(f"--resume: no {CHECKPOINT_PREFIX}* directories in {run_dir}")
+        raise ConfigError(f"--resume: no {CHECKPOINT_PREFIX}* directories in {location} (nor is it one)")
     newest = max(found, key=lambda item: (item[1], item[0]))[0]
     fs, path = storage.filesystem(newest)
     return ray.train.Checkpoint(path, filesystem=fs)

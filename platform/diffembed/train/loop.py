@@ -15,7 +15,7 @@ from typing import Any
 
 from diffembed.config import ConfigError
 from diffembed.train import rundir, storage
-from diffembed.train.checkpoints import latest_checkpoint
+from diffembed.train.checkpoints import resume_checkpoint
 from diffembed.train.config import TrainConfig
 from diffembed.train.deepspeed import check_zero_options
 from diffembed.train.worker import build_trainable  # noqa: F401  (bench/)
@@ -84,7 +84,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "plan": ray.put(plan),
-            "resume_from": latest_checkpoint(resume) if resume else None,
+            "resume_from": resume_checkpoint(resume) if resume else None,
             "dev": ray.put(dev) if dev and cfg.eval.every else None,
         },
         scaling_config=scaling_config(cfg),
