@@ -182,15 +182,17 @@ def write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def run_job(*overrides: str) -> subprocess.CompletedProcess:
+def run_job(*overrides: str, ray_address: str | None = None) -> subprocess.CompletedProcess:
+    """jobs/embed_corpus.py in a process of its own: on its own local Ray, or joining the one at `ray_address`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"RAY_ADDRESS": ray_address} if ray_address else {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "embed_corpus.py"), "--config", str(ROOT / "jobs/configs/embed_cpu.yaml"),
          *overrides],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        capture_output=True, text=True, env=env, timeout=300,
     )
 
 
-def test_bad_inputs_give_one_line_errors(tmp_path):
+def test_bad_inputs_give_one_line_errors(capsys, tmp_path):
     good = json.dumps({"id": "a", "text": "hello", "title": "t"})
     cases = [
         ([f"input.paths=[{tmp_path / 'missing.jsonl'}]"], "missing.jsonl"),
@@ -202,22 +204,27 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         ([f"input.paths=[{tmp_path / 'ok.jsonl'}]", f"embedder.lora_adapter={tmp_path / 'nowhere'}"],
          "LoRA adapter not found"),
     ]
-    for overrides, needle in cases:
-        proc = run_job(*overrides, f"store.path={tmp_path / 'q'}")
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], (overrides, proc.stderr[-2000:])
+    # the first as a user runs it (a process of its own: nothing else reaches its stderr), the rest in this process
+    proc = run_job(*cases[0][0], f"store.path={tmp_path / 'q'}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and cases[0][1] in lines[0], proc.stderr[-2000:]
+    for overrides, needle in cases[1:]:
+        code, _, _, lines = job(capsys, *overrides, f"store.path={tmp_path / 'q'}")
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (overrides, lines)
     assert not (tmp_path / "q" / "collection").exists()  # nothing was written
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_what_the_encoder_node_cannot_run_is_one_line(tmp_path):
+def test_what_the_encoder_node_cannot_run_is_one_line(ray_cluster, tmp_path):
     """Only an encoder actor can find out that its node cannot run the model (here: `device: cuda` where there is no
     CUDA; likewise bf16 on an old GPU, flash-attn missing, no checkpoint at that path on that node). The job exits 2
     with that reason as its one `error:` line, naming the node: not a Ray traceback (the actor's constructor failing
     was reported as an internal Ray error, ~150 lines and exit 1)."""
     corpus = write_lines(tmp_path / "c.jsonl", [json.dumps({"id": "a", "text": "hello", "title": "t"})])
+    # the driver joins this session's Ray instance, as a job does on a running cluster (its actors' logs, any
+    # traceback among them, are forwarded to its stderr)
     proc = run_job(f"input.paths=[{corpus}]", f"store.path={tmp_path / 'q'}", "embedder.device=cuda",
-                   "summary_path=null")
+                   "summary_path=null", ray_address=ray_address())
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and errors and errors[-1].startswith(
         "error: device cuda requested but CUDA is not available on this machine (raised on node "), proc.stderr[-3000:]

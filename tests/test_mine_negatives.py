@@ -8,6 +8,7 @@ import importlib
 import inspect
 import json
 import random
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_rank_window_filter_and_seeded_draw():
     assert same_document("  SECOND half\nof the pair ", positive) and not same_document("", positive)
 
 
-def test_bad_config_and_input_are_one_line_errors(tmp_path):
+def test_bad_config_and_input_are_one_line_errors(capsys, tmp_path):
     good = write_jsonl(tmp_path / "pairs.jsonl", stdlib_pairs(3))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"query": "q", "positive": "p"}) + "\n" + json.dumps({"query": "q2"}) + "\n")
@@ -89,16 +90,19 @@ def test_bad_config_and_input_are_one_line_errors(tmp_path):
         (["candidates.source=store", f"candidates.store.path={tmp_path}/q", "candidates.store.collection=none"],
          "does not exist"),
     ]
-    for overrides, needle in cases:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "jobs" / "mine_negatives.py"), "--config",
-             str(ROOT / "jobs" / "configs" / "mine_exact.yaml"), f"input.files=[{good}]",
-             f"output={tmp_path}/out.jsonl", *overrides],
-            capture_output=True, text=True, cwd=ROOT, timeout=120,
-        )
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], (overrides, proc.stderr)
-        assert not (tmp_path / "out.jsonl").exists()
+    args = ["--config", str(ROOT / "jobs" / "configs" / "mine_exact.yaml"), f"input.files=[{good}]",
+            f"output={tmp_path}/out.jsonl"]
+    # the first as a user runs it (a process of its own: nothing else reaches its stderr), the rest in this process
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "mine_negatives.py"), *args, *cases[0][0]],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and cases[0][1] in lines[0], proc.stderr
+    main = runpy.run_path(str(ROOT / "jobs" / "mine_negatives.py"))["main"]
+    for overrides, needle in cases[1:]:
+        code = main([*args, *overrides])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (overrides, lines)
+    assert not list(tmp_path.glob("out.jsonl*"))
 
 
 def test_a_bad_row_stops_the_job_before_any_encoding_in_one_line(ray_cluster, capsys, tmp_path):

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from diffembed import ConfigError, Embedder, EmbedderConfig
+from diffembed import ConfigError, Embedder
 from diffembed.train.config import LossConfig, TrainConfig
 from diffembed.train.loop import train
 
@@ -46,16 +45,15 @@ def test_matryoshka_config_resolves_and_validates(tmp_path):
         cfg.check_files()
 
 
-def test_train_job_rejects_too_wide_matryoshka_in_one_line():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train.py"),
-         "--config", str(ROOT / "jobs" / "configs" / "train_tiny.yaml"),
-         "embedder.model=all-MiniLM-L6-v2", "loss.matryoshka_dims=[64,4096]"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "matryoshka_dims [4096]" in lines[0], proc.stderr
+def test_train_job_rejects_too_wide_matryoshka_in_one_line(capsys, monkeypatch):
+    """jobs/train.py's main() in this process (the CLI in a process of its own: test_train.py's
+    test_bad_config_fails_before_ray)."""
+    monkeypatch.chdir(ROOT)
+    main = runpy.run_path(str(ROOT / "jobs" / "train.py"))["main"]
+    code = main(["--config", str(ROOT / "jobs" / "configs" / "train_tiny.yaml"), "embedder.model=all-MiniLM-L6-v2",
+                 "loss.matryoshka_dims=[64,4096]"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "matryoshka_dims [4096]" in lines[0], lines
 
 
 def coded_pairs(seed: int = 0) -> tuple[list[dict], list[dict]]:
