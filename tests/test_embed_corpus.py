@@ -139,7 +139,7 @@ def test_killed_single_file_run_keeps_its_progress_and_the_rerun_equals_a_clean_
     """One JSONL file read in bounded blocks: SIGKILL of the driver at >= 50 % of the documents leaves >= 40 % of
     the points (they were written as the run went), and the rerun ends equal to a clean run."""
     path = tmp_path / "one.jsonl"
-    docs = make_corpus(path, n_docs=240, seed=1)
+    docs = make_corpus(path, n_docs=120, seed=1)
     overrides = ["store.upsert_batch_size=16", "embedder.max_length=64", "embedder.documents.overlap=8",
                  "encode.batch_size=8", "input.block_bytes=4096", "summary_path=null", "progress_every_s=0"]
     clean_store = tmp_path / "clean"
