@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -66,17 +68,25 @@ def start_app(args: ServeArgs, name: str) -> str:
     return url
 
 
-def filled_store(root) -> dict:
-    """The store config of a collection the batch job filled with `make_corpus`'s documents under `root`."""
-    store = {"path": str(root / "qdrant"), "collection": "docs", "sparse": True, "upsert_batch_size": 16}
-    make_corpus(root / "corpus.jsonl")
-    embed_corpus(EmbedCorpusConfig.from_dict({
-        "embedder": EMBEDDER,
-        "input": {"paths": [str(root / "corpus.jsonl")], "title_column": "title", "metadata_columns": ["lang"]},
-        "encode": {"actors": 1, "batch_size": 8},
-        "store": store,
-    }), progress=False)  # the job's store is closed when it returns: the retriever replica can open the path
-    return store
+def filled_store(root: Path) -> dict:
+    """The store config of a collection under `root` holding `make_corpus`'s documents, as the batch job wrote
+    them. The job runs once per test session, into a folder no app ever opens; each module's app serves its own
+    copy of that folder (an Edge store has one owner process; an app cannot touch another module's data)."""
+    template = root.parent / "served-collection"  # the session's pytest base directory
+    store = {"path": str(template / "qdrant"), "collection": "docs", "sparse": True, "upsert_batch_size": 16}
+    if not (template / "done").is_file():
+        template.mkdir(exist_ok=True)
+        make_corpus(template / "corpus.jsonl")
+        embed_corpus(EmbedCorpusConfig.from_dict({
+            "embedder": EMBEDDER,
+            "input": {"paths": [str(template / "corpus.jsonl")], "title_column": "title",
+                      "metadata_columns": ["lang"]},
+            "encode": {"actors": 1, "batch_size": 8},
+            "store": store,
+        }), progress=False)  # the job's store is closed when it returns: the folder can be copied
+        (template / "done").touch()
+    shutil.copytree(template, root, dirs_exist_ok=True)
+    return {**store, "path": str(root / "qdrant")}
 
 
 @pytest.fixture(scope="module")
