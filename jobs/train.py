@@ -16,8 +16,8 @@ from diffembed.cli import print_config_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Contrastive fine-tuning of a diffembed embedder.")
     parser.add_argument("--config", required=True, help="YAML file with a TrainConfig")
-    parser.add_argument("--resume", help="an earlier run directory or URI (<storage_path>/<name>) to continue from its latest checkpoint, "
-                        "or one checkpoint directory of it (<run>/checkpoint_*)")
+    parser.add_argument("--resume", help="an earlier run directory or URI (<storage_path>/<name>) to continue from "
+                        "its latest checkpoint, or one checkpoint directory of it (<run>/checkpoint_*)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for nested fields")
     args = parser.parse_args(argv)
     try:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             from diffembed.train.checkpoints import resume_checkpoint
 
-            resume_checkpoint(args.resume)  # a local run directory or a URI (file://, s3://)
+            resume_checkpoint(args.resume)  # a run or checkpoint directory: a local path or a URI (file://, s3://)
         from diffembed.train.loop import train
 
         metrics = train(cfg, resume=args.resume)  # bad rows, a taken run directory: ConfigError too
