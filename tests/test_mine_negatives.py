@@ -298,10 +298,22 @@ def test_killed_mining_run_resumes_and_equals_a_clean_run(ray_cluster, tmp_path)
 
     import ray
 
-    rows = stdlib_pairs(120)
+    from diffembed.batch.config import EmbedCorpusConfig
+    from diffembed.batch.pipeline import embed_corpus
+
+    # Store candidates: rows are encoded and mined as they stream, so once the first part is written the rest still
+    # takes seconds of encoding and the kill lands mid-run (exact mining encodes every row first and then writes
+    # all its parts within milliseconds: a kill after the first could find them all written).
+    rows = stdlib_pairs(60)
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": r["doc_id"], "text": r["positive"]} for r in rows])
+    embed_corpus(EmbedCorpusConfig.from_dict({
+        "embedder": {"model": "all-MiniLM-L6-v2", "max_length": 64}, "input": {"paths": [str(corpus)]},
+        "store": {"path": str(tmp_path / "qdrant"), "collection": "docs"}}), progress=False)
     overrides = [f"input.files=[{pairs}]", "negatives.per_query=2", "negatives.window=8", "encode.batch_size=2",
-                 "part_rows=6", "embedder.max_length=64", "summary_path=null"]
+                 "part_rows=6", "embedder.max_length=64", "summary_path=null", "candidates.source=store",
+                 f"candidates.store.path={tmp_path / 'qdrant'}", "candidates.store.collection=docs",
+                 "candidates.positive_id_field=doc_id"]
     clean = mine_negatives(MineNegativesConfig.from_yaml(ROOT / "jobs/configs/mine_exact.yaml",
                                                          [*overrides, f"output={tmp_path / 'clean.jsonl'}"]))
     assert clean["resumed_rows"] == 0 and clean["rows"] == len(rows)
