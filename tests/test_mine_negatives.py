@@ -301,11 +301,14 @@ def test_killed_mining_run_resumes_and_equals_a_clean_run(ray_cluster, tmp_path)
     from diffembed.batch.config import EmbedCorpusConfig
     from diffembed.batch.pipeline import embed_corpus
 
-    # Store candidates: rows are encoded and mined as they stream, so once the first part is written the rest still
-    # takes seconds of encoding and the kill lands mid-run (exact mining encodes every row first and then writes
-    # all its parts within milliseconds: a kill after the first could find them all written).
+    # Store candidates from files of a part each: the rows are encoded and mined as they stream, a file's block at
+    # a time, so once the first part is written the rest still takes seconds of encoding and the kill lands mid-run
+    # (exact mining encodes every row first; one file is one block: either way all parts were written within
+    # milliseconds, and a kill after the first could find them all written).
     rows = stdlib_pairs(60)
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    for i in range(0, len(rows), 6):  # a file per part: blocks that reach the driver one after another
+        write_jsonl(tmp_path / f"pairs{i:03d}.jsonl", rows[i:i + 6])
+    pairs = tmp_path / "pairs*.jsonl"
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": r["doc_id"], "text": r["positive"]} for r in rows])
     embed_corpus(EmbedCorpusConfig.from_dict({
         "embedder": {"model": "all-MiniLM-L6-v2", "max_length": 64}, "input": {"paths": [str(corpus)]},
@@ -313,7 +316,8 @@ def test_killed_mining_run_resumes_and_equals_a_clean_run(ray_cluster, tmp_path)
     overrides = [f"input.files=[{pairs}]", "negatives.per_query=2", "negatives.window=8", "encode.batch_size=2",
                  "part_rows=6", "embedder.max_length=64", "summary_path=null", "candidates.source=store",
                  f"candidates.store.path={tmp_path / 'qdrant'}", "candidates.store.collection=docs",
-                 "candidates.positive_id_field=doc_id"]
+                 "candidates.positive_id_field=doc_id",
+                 "candidates.store.lock_wait_s=60"]  # the rerun waits for the killed run's store actor to go
     clean = mine_negatives(MineNegativesConfig.from_yaml(ROOT / "jobs/configs/mine_exact.yaml",
                                                          [*overrides, f"output={tmp_path / 'clean.jsonl'}"]))
     assert clean["resumed_rows"] == 0 and clean["rows"] == len(rows)
