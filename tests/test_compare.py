@@ -30,8 +30,8 @@ def tiny_study(tmp_path: Path, *extra: str) -> CompareConfig:
 def test_compare_job_end_to_end(ray_cluster, tmp_path):
     # the diffusion backbone and the AR baseline of the shipped study (its third only changes the settings, which
     # test_backbone_settings_reach_training_and_evaluation checks): two training runs and evaluations, not three
-    study = tiny_study(tmp_path)
-    cfg = CompareConfig.model_validate({**study.model_dump(), "backbones": study.model_dump()["backbones"][:2]})
+    study = tiny_study(tmp_path).model_dump()
+    cfg = CompareConfig.model_validate({**study, "backbones": study["backbones"][:2]})
     assert [b.name for b in cfg.backbones] == ["dream-bidirectional", "qwen2-causal-last"]
     summary = run_compare(cfg)
     out = tmp_path / "study"
