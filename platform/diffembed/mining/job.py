@@ -302,7 +302,7 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from diffembed.batch.pipeline import actor_restarts_option, model_dimension
+    from diffembed.batch.pipeline import STREAM_BLOCK_BYTES, actor_restarts_option, model_dimension
     from diffembed.files import expand_files
     from diffembed.index.fingerprint import embedding_fingerprint
     from diffembed.mining.output import PartsOutput
@@ -359,6 +359,9 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
                         batch_size=cfg.encode.batch_size, num_cpus=0, batch_format="numpy", max_restarts=0,
                         **({} if store_cfg.url else on_this_node()),  # an embedded store is a folder on this node
                     )
+                # Ray Data gathers a stage's output into blocks of up to 128 MiB before passing it on: the driver
+                # would hold (and the writer wait for) that much mined text at a time. ~1 MiB blocks stream.
+                mined.context.target_max_block_size = STREAM_BLOCK_BYTES
             for batch in mined.iter_batches(batch_size=None, batch_format="numpy") if mined is not None else ():
                 short = (batch["negatives"] < cfg.negatives.per_query).astype(np.int64)
                 out.write(batch["position"].tolist(), [str(line) for line in batch["line"]], {
