@@ -173,6 +173,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step_rows = StepRows(plan["blocks"], plan["block"], plan["offset"], rank, b)
     chunk = cfg.loss.grad_cache_chunk_size
 
+    # Weights every rank holds whole: the ranks share the dev encoding. ZeRO-3's forwards are collective.
+    partitioned = cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3
+    dev_shard = None if partitioned else (rank, world)
     attempt_started = time.monotonic()
     for step in range(start_step, cfg.optim.max_steps):
         if cfg.run.fail_at_step is not None and step == cfg.run.fail_at_step and attempt == 0 and rank == 0:
@@ -202,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "tokens_per_s": tokens * world / elapsed,
         }
         if dev and cfg.eval.every and step_no % cfg.eval.every == 0:
-            metrics.update({f"dev_{k}": v for k, v in _evaluate(embedder, engine, dev).items()})
+            metrics.update({f"dev_{k}": v for k, v in _evaluate(embedder, engine, dev, dev_shard).items()})
         # `time` (Unix seconds at the step's end, reports and checkpoints of earlier steps included) gives the
         # run's end-to-end rate; samples_per_s is the step's own compute.
         history.append({k: v for k, v in metrics.items() if k in ("step", "loss", "lr", "samples_per_s")
@@ -234,13 +237,14 @@ def _duration(seconds: float) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def _evaluate(embedder, engine, dev) -> dict[str, float]:
-    """Dev-set retrieval metrics of the model being trained; every rank runs it (ZeRO-3 needs them all)."""
+def _evaluate(embedder, engine, dev, shard: tuple[int, int] | None) -> dict[str, float]:
+    """Dev-set retrieval metrics of the model being trained; every rank calls it (ZeRO-3 needs them all, the others
+    share the encoding: `dev_eval.dev_ndcg`)."""
     from diffembed.train.dev_eval import dev_ndcg
 
     engine.eval()
     try:
-        return dev_ndcg(embedder, dev)
+        return dev_ndcg(embedder, dev, shard)
     finally:
         engine.train()
 
