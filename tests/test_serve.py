@@ -458,6 +458,21 @@ def test_shipped_serve_configs_validate(name, monkeypatch):
     app_builder(args)  # builds the deployment graph without starting anything
 
 
+def test_a_model_that_is_not_there_fails_the_build_in_one_line(tmp_path):
+    """Serve calls the builder once (`serve run`/`deploy` in its build task): a missing or damaged model stops the
+    app there with the job's one-line error, instead of every replica failing with a traceback, retried."""
+    from diffembed.config import ConfigError
+    from diffembed.serving.app import build_app
+
+    with pytest.raises(ConfigError, match=f"^model not found: no checkpoint directory at {tmp_path}/nope$"):
+        build_app({"embedder": {"model": str(tmp_path / "nope")}})
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "config.json").write_text("{}")
+    (tmp_path / "damaged" / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ConfigError, match="model.safetensors: unreadable safetensors weights .* damaged or incomplete"):
+        build_app({"embedder": {"model": str(tmp_path / "damaged")}, "store": None})
+
+
 def test_search_documents_widens_until_top_k_documents(tmp_path):
     """A document whose many chunks fill the first point list does not crowd the others out: the search widens
     until it has top_k documents (Serve's /search and the evaluation rank through it), each document once, at its

@@ -12,10 +12,15 @@ from diffembed.serving.config import ServeArgs
 
 
 def app_builder(args: ServeArgs) -> serve.Application:
+    """The application of `args`, after the checks a job's driver makes (`loading.check_model`): a model that is
+    not there or a damaged checkpoint fails the build with one line, where replicas would each fail to start with a
+    traceback, be retried and fail again."""
+    from diffembed.models.loading import check_model
     from diffembed.serving.encoder import encoder_deployment
     from diffembed.serving.ingress import ingress_deployment
     from diffembed.serving.retriever import retriever_deployment
 
+    check_model(args.embedder)
     encoder = encoder_deployment(args).bind(
         args.embedder.model_dump(mode="json"),
         args.encoder.max_batch_tokens,
