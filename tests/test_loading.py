@@ -213,3 +213,31 @@ def test_dtype_auto_resolves_to_what_the_cpu_runs_natively():
     embedder = Embedder(EmbedderConfig(model="all-MiniLM-L6-v2", dtype="auto"))
     assert embedder.config.dtype == want
     assert next(embedder.model.parameters()).dtype == (torch.bfloat16 if want == "bf16" else torch.float32)
+
+
+def test_a_drivers_model_checks_do_not_import_the_model_classes(tiny_checkpoints):
+    """A job's driver (and Serve's build task) checks the model, reads its width and fingerprints it (config and
+    tokenizer) without transformers' model classes, which cost a process ~3 s and ~130 MiB to import; the Embedder
+    imports them when it loads the model."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from diffembed.batch.pipeline import model_dimension\n"
+        "from diffembed.config import EmbedderConfig\n"
+        "from diffembed.index.fingerprint import embedding_fingerprint\n"
+        "from diffembed.models.loading import check_model\n"
+        "for model in ('all-MiniLM-L6-v2', sys.argv[1]):\n"
+        "    cfg = EmbedderConfig(model=model)\n"
+        "    check_model(cfg)\n"
+        "    embedding_fingerprint(cfg, model_dimension(cfg), 'cosine', False)\n"
+        "print('transformers.modeling_utils' in sys.modules)\n"
+        "from diffembed import Embedder\n"
+        "Embedder(EmbedderConfig(model=sys.argv[1]))\n"
+        "print('transformers.modeling_utils' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoints["dream"])], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"], result.stdout

@@ -1,6 +1,19 @@
-"""Backbone registry and loaders, pooling, and the Embedder (one embedding path for train, batch, serve)."""
+"""Backbone registry and loaders, pooling, and the Embedder (one embedding path for train, batch, serve).
 
-from diffembed.models.embedder import ChunkEmbeddings, Embedder, Segment
-from diffembed.models.loading import Backbone, load_backbone
+The names below load on first use: a job's driver imports `diffembed.models.loading` to check a model without
+paying for transformers' model classes (the Embedder imports them).
+"""
 
 __all__ = ["Backbone", "ChunkEmbeddings", "Embedder", "Segment", "load_backbone"]
+
+
+def __getattr__(name: str):
+    if name in ("ChunkEmbeddings", "Embedder", "Segment"):
+        from diffembed.models import embedder
+
+        return getattr(embedder, name)
+    if name in ("Backbone", "load_backbone"):
+        from diffembed.models import loading
+
+        return getattr(loading, name)
+    raise AttributeError(name)

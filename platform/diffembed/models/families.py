@@ -8,9 +8,10 @@ both are translated to Llama's (the tensor renaming is a `key_mapping` handed to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from transformers import AutoConfig, LlamaConfig, PreTrainedConfig, Qwen2Config
+if TYPE_CHECKING:  # transformers' config classes import its model machinery (~4 s): not at a job driver's import
+    from transformers import PreTrainedConfig
 
 from diffembed.config import ConfigError
 
@@ -37,10 +38,14 @@ class FamilySpec:
 
 
 def _native(raw: dict[str, Any], path: str) -> PreTrainedConfig:
+    from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
 def _dream(raw: dict[str, Any], path: str) -> PreTrainedConfig:
+    from transformers import Qwen2Config
+
     kwargs = {k: v for k, v in raw.items() if k not in _REMOTE_KEYS}
     theta = kwargs.pop("rope_theta", 1e6)
     scaling = kwargs.pop("rope_scaling", None)
@@ -53,6 +58,8 @@ def _dream(raw: dict[str, Any], path: str) -> PreTrainedConfig:
 
 
 def _llada(raw: dict[str, Any], path: str) -> PreTrainedConfig:
+    from transformers import LlamaConfig
+
     unsupported = {
         "block_type": ("llama", None),
         "layer_norm_type": ("rms", None),

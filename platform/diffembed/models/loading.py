@@ -12,11 +12,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers' model classes cost a process ~4 s to import: a job's driver checks a model
+    # (`check_model`, `read_json`) without them; they load with the first model (`load_backbone`)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from diffembed.config import EMBEDDING_FUNCTION_FIELDS, ConfigError, EmbedderConfig, migrate_legacy_embedder_keys
 from diffembed.models.families import FamilySpec, detect_family, get_family
@@ -227,6 +230,8 @@ def load_tokenizer(path: Path, family: FamilySpec) -> PreTrainedTokenizerBase:
             raise ConfigError(f"{tok_cfg_path}: tokenizer {wanted!r} needs remote code, which diffembed never runs")
         tokenizer = getattr(transformers, family.tokenizer_class).from_pretrained(str(path))
     else:
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         # AR tokenizers often ship without a pad token; padding is masked out anyway.
@@ -311,6 +316,8 @@ def load_backbone(cfg: EmbedderConfig, device: torch.device | None = None) -> Ba
     attention = resolve_attention(cfg, family)
     check_weights(path)
     hf_config = family.build_config(raw, str(path))
+
+    from transformers import AutoModel
 
     with quiet_transformers():  # the load report is ours to judge, not to print
         model, info = AutoModel.from_pretrained(
