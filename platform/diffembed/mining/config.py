@@ -39,7 +39,10 @@ class CandidatesConfig(ConfigModel):
         20, ge=0, description="Candidates fetched beyond skip_top + window, to make up for the positive's own "
         "document and duplicate chunks removed before ranks are counted.",
     )
-    searchers: int = Field(2, ge=1, description="Store on a Qdrant server: search actors (the Edge store has one).")
+    searchers: int = Field(
+        2, ge=1, description="Mining actors, each on one core: exact (sharing one copy of the pool per node), or a store "
+        "on a Qdrant server (the Edge store has one). The output is the same for any number.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -174,12 +174,15 @@ class _Miner:
 class ExactMiner(_Miner):
     """Candidates: the input's distinct positives, every one scored against the query (brute force, (b, N)).
 
-    The pool is built here from the encoded rows' blocks (object references, in input order): the driver never
-    holds the (N, D) vectors or the texts."""
+    The pool is one object in Ray's object store (`build_pool`, a task: the driver never holds the (N, D) vectors
+    or the texts), which every miner on a node maps without a copy: `candidates.searchers` miners score in parallel
+    (one core each) for the memory of one pool per node."""
 
-    def __init__(self, negatives: dict[str, Any], encoded_blocks: list, fetch: int):
+    def __init__(self, negatives: dict[str, Any], pool: list, fetch: int):
+        import ray
+
         super().__init__(negatives)
-        self.pool, self.texts = _pool(encoded_blocks)
+        self.pool, self.texts = ray.get(pool[0])  # (N, D) read-only, shared; N texts (Arrow)
         self.fetch = min(fetch, len(self.texts))
         self.scores: np.ndarray | None = None
 
@@ -190,7 +193,7 @@ class ExactMiner(_Miner):
     def candidates(self, batch: dict[str, np.ndarray], i: int) -> tuple[list[Candidate], str | None]:
         row = self.scores[i]  # (N,)
         top = np.argpartition(-row, self.fetch - 1)[: self.fetch] if self.fetch < len(row) else np.arange(len(row))
-        return [Candidate(str(j), self.texts[j], float(row[j])) for j in top], None
+        return [Candidate(str(j), self.texts[int(j)].as_py(), float(row[j])) for j in top], None
 
 
 class StoreMiner(_Miner):
@@ -260,9 +263,11 @@ def check_collection(cfg: MineNegativesConfig, dim: int) -> tuple[StoreConfig, d
     return store_cfg, fingerprint
 
 
-def _pool(blocks: list) -> tuple[np.ndarray, list[str]]:
+def build_pool(blocks: list):
     """The exact candidate pool from encoded blocks (Arrow, in input order): each distinct positive text once (first
-    occurrence), with its unit vector."""
+    occurrence), with its unit vector: ((N, D) float32, N texts as Arrow). A Ray task: its result stays in the
+    object store, where the miners read it."""
+    import pyarrow as pa
     import ray
 
     vectors, texts, seen = [], [], set()
@@ -274,7 +279,7 @@ def _pool(blocks: list) -> tuple[np.ndarray, list[str]]:
                 seen.add(text)
                 texts.append(text)
                 vectors.append(np.asarray(p[j], dtype=np.float32))
-    return np.stack(vectors), texts  # (N, D), N texts
+    return np.stack(vectors), pa.array(texts, type=pa.large_string())
 
 
 @contextlib.contextmanager
@@ -337,17 +342,22 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
                     compute=ray.data.ActorPoolStrategy(size=cfg.encode.actors), batch_size=cfg.encode.batch_size,
                     **cfg.encode.ray_remote_args(), max_restarts=cfg.encode.max_restarts, batch_format="numpy",
                 )
+                # Ray Data gathers a stage's output into blocks of up to 128 MiB before passing it on, and a block
+                # goes to one actor: the miners would see the encoded rows as a block or two (one busy miner), and
+                # the driver would hold that much mined text at a time. ~1 MiB blocks spread and stream.
+                encoded.context.target_max_block_size = STREAM_BLOCK_BYTES
                 negatives = cfg.negatives.model_dump(mode="json")
                 if store_cfg is None:
                     encoded = encoded.materialize()  # the pool is every positive: all rows encoded before any is mined
                     todo = encoded if not resumed else encoded.map_batches(
                         _from_position, fn_kwargs={"skip": resumed}, batch_format="numpy", batch_size=None,
                         num_cpus=0)
+                    pool = ray.remote(build_pool).options(num_cpus=0).remote(encoded.to_arrow_refs())
                     mined = todo.map_batches(
                         ExactMiner, fn_constructor_kwargs={"negatives": negatives, "fetch": cfg.fetch,
-                                                           "encoded_blocks": encoded.to_arrow_refs()},
-                        compute=ray.data.ActorPoolStrategy(size=1), batch_size=cfg.encode.batch_size, num_cpus=0,
-                        batch_format="numpy", max_restarts=0,
+                                                           "pool": [pool]},  # in a list: the miners get the ref
+                        compute=ray.data.ActorPoolStrategy(size=cfg.candidates.searchers),
+                        batch_size=cfg.encode.batch_size, num_cpus=0, batch_format="numpy", max_restarts=0,
                     )
                 else:
                     mined = encoded.map_batches(
@@ -359,8 +369,6 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
                         batch_size=cfg.encode.batch_size, num_cpus=0, batch_format="numpy", max_restarts=0,
                         **({} if store_cfg.url else on_this_node()),  # an embedded store is a folder on this node
                     )
-                # Ray Data gathers a stage's output into blocks of up to 128 MiB before passing it on: the driver
-                # would hold (and the writer wait for) that much mined text at a time. ~1 MiB blocks stream.
                 mined.context.target_max_block_size = STREAM_BLOCK_BYTES
             for batch in mined.iter_batches(batch_size=None, batch_format="numpy") if mined is not None else ():
                 short = (batch["negatives"] < cfg.negatives.per_query).astype(np.int64)
