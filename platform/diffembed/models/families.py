@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-if TYPE_CHECKING:  # transformers' config classes import its model machinery (~4 s): not at a job driver's import
+if TYPE_CHECKING:  # the config classes are imported where a config is built, not with this module (a job's driver)
     from transformers import PreTrainedConfig
 
 from diffembed.config import ConfigError
