@@ -344,7 +344,8 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
                 )
                 # Ray Data gathers a stage's output into blocks of up to 128 MiB before passing it on, and a block
                 # goes to one actor: the miners would see the encoded rows as a block or two (one busy miner), and
-                # the driver would hold that much mined text at a time. ~1 MiB blocks spread and stream.
+                # the driver would hold that much mined text at a time. ~1 MiB blocks spread and stream. The
+                # datasets built from `encoded` (materialized too) share this context: the miners' output included.
                 encoded.context.target_max_block_size = STREAM_BLOCK_BYTES
                 negatives = cfg.negatives.model_dump(mode="json")
                 if store_cfg is None:
@@ -369,7 +370,6 @@ def mine_negatives(cfg: MineNegativesConfig) -> dict[str, Any]:
                         batch_size=cfg.encode.batch_size, num_cpus=0, batch_format="numpy", max_restarts=0,
                         **({} if store_cfg.url else on_this_node()),  # an embedded store is a folder on this node
                     )
-                mined.context.target_max_block_size = STREAM_BLOCK_BYTES
             for batch in mined.iter_batches(batch_size=None, batch_format="numpy") if mined is not None else ():
                 short = (batch["negatives"] < cfg.negatives.per_query).astype(np.int64)
                 out.write(batch["position"].tolist(), [str(line) for line in batch["line"]], {
