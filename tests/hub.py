@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,17 +24,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
+from ray_head import free_port
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-HUB_PORT = _free_port()
+HUB_PORT = free_port()
 HUB_ENDPOINT = f"http://127.0.0.1:{HUB_PORT}"
 
 

@@ -8,13 +8,13 @@ nothing to encode); `dev_ndcg` with the packaged MiniLM, sharded on two ranks vs
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
 from diffembed.train.data import Pair
+from ray_head import free_port
 
 WORLD = 2
 ANIMALS = ["zebra", "otter", "heron", "walrus", "badger", "lynx", "gecko"]
@@ -25,12 +25,6 @@ PAIRS = [Pair(query=f"the {a}", positive=f"A {c} {a} was seen by the river.",
               negatives=[f"A {COLOURS[(i + 1) % 5]} {a} was seen by the river."],
               instruction="Find the animal" if i % 2 else None)
          for i, (a, c) in enumerate((a, c) for a in ANIMALS for c in COLOURS)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -59,7 +53,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("dev_shared")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [json.loads((out / f"{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ray_head import free_port
 from torch.testing import assert_close
 
 STEPS = 2
@@ -31,12 +31,6 @@ MAX_ROWS = 3  # GradCache chunk size: every group of 6 rows becomes several leng
 # (stage, GradCache chunk size or None): the plain step of each stage is the reference. ZeRO-2 without GradCache
 # has one backward whatever the plan, so it is left out.
 MODES = [(2, MAX_ROWS), (3, None), (3, MAX_ROWS)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _segments(lengths: list[int], seed: int, vocab: int):
@@ -148,7 +142,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("gc_ds") / "result.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,16 +16,11 @@ import pytest
 from diffembed.batch.config import EmbedCorpusConfig
 from diffembed.batch.pipeline import embed_corpus
 from diffembed.serving.config import ServeArgs
+from ray_head import free_port
 
 API_KEY = "test-secret"
 EMBEDDER = {"model": "all-MiniLM-L6-v2", "max_length": 64, "documents": {"windows": "best", "overlap": 8}}
 TOPICS = ["river", "mountain", "forest", "harbour", "castle", "library", "market", "garden", "bridge", "glacier"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_corpus(path):
